@@ -1,0 +1,157 @@
+//! The default engine: onnxruntime through `ort`, with libonnxruntime loaded at run time
+//! (no build-time download, no link dependency). The library is the one `cras setup`
+//! extracts from the pinned PyPI wheel, or any given by --ort-lib / ORT_DYLIB_PATH.
+
+use super::{Engine, EngineError, EngineOptions, NamedTensor, Values};
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::Tensor;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The onnxruntime release `cras setup` installs.
+pub const PINNED_VERSION: &str = "1.32.0";
+
+#[derive(Clone)]
+enum RuntimeFailure {
+    Missing(String),
+    Load(PathBuf, String),
+}
+
+static RUNTIME: OnceLock<Result<PathBuf, RuntimeFailure>> = OnceLock::new();
+static ENVIRONMENT: OnceLock<ort::environment::Environment> = OnceLock::new();
+
+/// Where `cras setup` puts the runtime: `$CRAS_HOME`, else `$XDG_DATA_HOME/cras`,
+/// else `~/.local/share/cras`.
+pub fn data_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("CRAS_HOME") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(p).join("cras");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib"));
+    home.join(".local/share/cras")
+}
+
+/// The library file `cras setup` installs.
+pub fn installed_library() -> PathBuf {
+    data_dir()
+        .join("lib")
+        .join(format!("libonnxruntime.so.{PINNED_VERSION}"))
+}
+
+fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
+    let mut c = Vec::new();
+    if let Some(p) = explicit {
+        c.push(p.to_path_buf());
+        return c;
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        c.push(PathBuf::from(p));
+        return c;
+    }
+    c.push(installed_library());
+    c.push(PathBuf::from("/usr/lib/cras/libonnxruntime.so"));
+    c
+}
+
+/// Loads libonnxruntime once per process. Later calls return the first outcome.
+pub fn ensure_runtime(explicit: Option<&Path>) -> Result<PathBuf, EngineError> {
+    let outcome = RUNTIME.get_or_init(|| {
+        let cands = candidates(explicit);
+        let Some(path) = cands.iter().find(|p| p.is_file()).cloned() else {
+            let looked = cands
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>();
+            return Err(RuntimeFailure::Missing(looked.join(", ")));
+        };
+        let fail = |e: &dyn std::fmt::Display| RuntimeFailure::Load(path.clone(), e.to_string());
+        let builder = ort::init_from(&path).map_err(|e| fail(&e))?;
+        let env = builder.with_name("cras").build().map_err(|e| fail(&e))?;
+        let _ = ENVIRONMENT.set(env);
+        Ok(path)
+    });
+    match outcome {
+        Ok(p) => Ok(p.clone()),
+        Err(RuntimeFailure::Missing(looked)) => Err(EngineError::RuntimeMissing {
+            looked: looked.clone(),
+        }),
+        Err(RuntimeFailure::Load(path, reason)) => Err(EngineError::RuntimeLoad {
+            path: path.clone(),
+            reason: reason.clone(),
+        }),
+    }
+}
+
+pub struct OrtEngine {
+    session: Session,
+}
+
+fn load_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Load(e.to_string())
+}
+
+impl OrtEngine {
+    pub fn load(model: &[u8], opts: &EngineOptions) -> Result<OrtEngine, EngineError> {
+        ensure_runtime(opts.ort_lib.as_deref())?;
+        let env = ENVIRONMENT
+            .get()
+            .ok_or_else(|| EngineError::Load("onnxruntime environment not initialised".into()))?;
+        let threads = opts.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
+        let session = Session::builder(env)
+            .map_err(load_err)?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(load_err)?
+            .with_intra_threads(threads)
+            .map_err(load_err)?
+            .commit_from_memory(model)
+            .map_err(load_err)?;
+        Ok(OrtEngine { session })
+    }
+}
+
+impl Engine for OrtEngine {
+    fn name(&self) -> &'static str {
+        "onnxruntime"
+    }
+
+    fn run(&mut self, image: &[f32], shape: [usize; 4]) -> Result<Vec<NamedTensor>, EngineError> {
+        let run_err = |e: ort::Error| EngineError::Run(e.to_string());
+        let input = Tensor::from_array((shape.to_vec(), image.to_vec().into_boxed_slice()))
+            .map_err(run_err)?;
+        let outputs = self
+            .session
+            .run(ort::inputs!["image" => input])
+            .map_err(run_err)?;
+        let mut result = Vec::new();
+        for (name, value) in outputs.iter() {
+            let (shape, values) = if let Ok((s, v)) = value.try_extract_tensor::<f32>() {
+                (
+                    s.iter().map(|d| *d as usize).collect(),
+                    Values::F32(v.to_vec()),
+                )
+            } else if let Ok((s, v)) = value.try_extract_tensor::<i64>() {
+                (
+                    s.iter().map(|d| *d as usize).collect(),
+                    Values::I64(v.to_vec()),
+                )
+            } else {
+                return Err(EngineError::Output(name.to_string()));
+            };
+            result.push(NamedTensor {
+                name: name.to_string(),
+                shape,
+                values,
+            });
+        }
+        Ok(result)
+    }
+}

@@ -1,0 +1,14 @@
+//! cras: multi-class industrial anomaly detection with CRAS (Center-aware Residual
+//! Anomaly Synthesis). This crate holds the model tool chain (weights, graph builder,
+//! bundles, engines, pre-processing) behind the `cras` binary.
+
+pub mod backbone;
+pub mod engine;
+pub mod import;
+pub mod infer;
+pub mod model;
+pub mod onnx;
+pub mod overlay;
+pub mod preprocess;
+pub mod setup;
+pub mod weights;

@@ -1,0 +1,234 @@
+//! Model bundles: a directory with `model.onnx` and `model.yaml`.
+//!
+//! `model.yaml` says what the graph expects (input size, normalisation), what it knows
+//! (class names), how to judge its scores (thresholds per class, may be empty until
+//! calibration), where it came from (provenance) and the sha256 of `model.onnx`.
+//! Reading a bundle validates all of it; a changed `model.onnx` is rejected.
+
+use crate::preprocess::InputSpec;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const ONNX_FILE: &str = "model.onnx";
+pub const YAML_FILE: &str = "model.yaml";
+
+/// Alarm thresholds of one class.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassThresholds {
+    /// Image score at or above which an image is anomalous.
+    pub image: f32,
+    /// Anomaly-map value at or above which a pixel belongs to a defect region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pixel: Option<f32>,
+}
+
+/// Where the model came from.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    /// The command that made the bundle.
+    pub created_by: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    /// Input files with their sha256, by role (backbone, checkpoint, centers, ...).
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceFile>,
+    /// Free-form notes (options used, quirks replayed).
+    #[serde(default)]
+    pub notes: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceFile {
+    pub file: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleMeta {
+    pub format_version: u32,
+    /// Product classes, in the order of the graph's class ids.
+    pub classes: Vec<String>,
+    pub input: InputSpec,
+    /// Backbone architecture name.
+    pub backbone: String,
+    pub embed_dim: usize,
+    /// Patch grid (rows, columns) of `patch_scores`.
+    pub patch_grid: [usize; 2],
+    /// Per-class thresholds; empty until `cras calibrate` (or an import) sets them.
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, ClassThresholds>,
+    pub provenance: Provenance,
+    /// sha256 of model.onnx, hex.
+    pub onnx_sha256: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid model.yaml: {reason}")]
+    Yaml { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error(
+        "{path}: model.onnx does not match model.yaml (sha256 {found}, expected {expected}); \
+         the bundle was changed or copied incompletely"
+    )]
+    HashMismatch {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    Ok(sha256_hex(&std::fs::read(path)?))
+}
+
+/// A validated bundle, with its graph loaded in memory.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub meta: BundleMeta,
+    pub onnx: Vec<u8>,
+}
+
+impl BundleMeta {
+    fn check(&self, path: &Path) -> Result<(), BundleError> {
+        let bad = |reason: String| {
+            Err(BundleError::Invalid {
+                path: path.to_path_buf(),
+                reason,
+            })
+        };
+        if self.format_version != FORMAT_VERSION {
+            return bad(format!(
+                "format_version {} is not supported by this cras (it reads {FORMAT_VERSION})",
+                self.format_version
+            ));
+        }
+        if self.classes.is_empty() {
+            return bad("classes: at least one class is needed".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for c in &self.classes {
+            if c.trim().is_empty() {
+                return bad("classes: empty class name".into());
+            }
+            if !seen.insert(c) {
+                return bad(format!("classes: `{c}` appears twice"));
+            }
+        }
+        let i = &self.input;
+        if i.height == 0 || i.width == 0 {
+            return bad("input.height/width must be positive".into());
+        }
+        if i.resize < i.height.min(i.width) {
+            return bad(format!(
+                "input.resize ({}) must be at least the crop size ({}x{})",
+                i.resize, i.height, i.width
+            ));
+        }
+        if i.std.iter().any(|s| !(*s > 0.0 && s.is_finite()))
+            || i.mean.iter().any(|m| !m.is_finite())
+        {
+            return bad("input.std must be positive and input.mean finite".into());
+        }
+        for (c, t) in &self.thresholds {
+            if !self.classes.contains(c) {
+                return bad(format!(
+                    "thresholds: `{c}` is not one of the classes {:?}",
+                    self.classes
+                ));
+            }
+            if !t.image.is_finite() || t.pixel.is_some_and(|p| !p.is_finite()) {
+                return bad(format!("thresholds.{c}: thresholds must be finite numbers"));
+            }
+        }
+        if self.onnx_sha256.len() != 64 {
+            return bad("onnx_sha256: expected 64 hex digits".into());
+        }
+        Ok(())
+    }
+}
+
+impl Bundle {
+    /// Reads and validates a bundle directory.
+    pub fn read(dir: &Path) -> Result<Bundle, BundleError> {
+        let ypath = dir.join(YAML_FILE);
+        let text = std::fs::read_to_string(&ypath).map_err(|source| BundleError::Io {
+            path: ypath.clone(),
+            source,
+        })?;
+        let meta: BundleMeta = serde_saphyr::from_str(&text).map_err(|e| BundleError::Yaml {
+            path: ypath.clone(),
+            reason: e.to_string(),
+        })?;
+        meta.check(&ypath)?;
+        let opath = dir.join(ONNX_FILE);
+        let onnx = std::fs::read(&opath).map_err(|source| BundleError::Io {
+            path: opath.clone(),
+            source,
+        })?;
+        let found = sha256_hex(&onnx);
+        if found != meta.onnx_sha256 {
+            return Err(BundleError::HashMismatch {
+                path: opath,
+                found,
+                expected: meta.onnx_sha256.clone(),
+            });
+        }
+        Ok(Bundle {
+            dir: dir.to_path_buf(),
+            meta,
+            onnx,
+        })
+    }
+
+    /// Writes `model.onnx` and `model.yaml` into `dir` (created if needed). Files are
+    /// written to temporary names and renamed, so a crash never leaves a half bundle
+    /// under the final names.
+    pub fn write(dir: &Path, mut meta: BundleMeta, onnx: &[u8]) -> Result<Bundle, BundleError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BundleError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        meta.onnx_sha256 = sha256_hex(onnx);
+        meta.check(&dir.join(YAML_FILE))?;
+        let yaml = serde_saphyr::to_string(&meta).map_err(|e| BundleError::Yaml {
+            path: dir.join(YAML_FILE),
+            reason: e.to_string(),
+        })?;
+        for (name, bytes) in [(ONNX_FILE, onnx), (YAML_FILE, yaml.as_bytes())] {
+            let tmp = dir.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+            std::fs::rename(&tmp, dir.join(name)).map_err(io(&dir.join(name)))?;
+        }
+        Ok(Bundle {
+            dir: dir.to_path_buf(),
+            meta,
+            onnx: onnx.to_vec(),
+        })
+    }
+
+    /// Short model id for logs and alarms: backbone and the first 12 hex digits of the
+    /// graph's hash.
+    pub fn model_id(&self) -> String {
+        format!("{}-{}", self.meta.backbone, &self.meta.onnx_sha256[..12])
+    }
+}

@@ -1,0 +1,6 @@
+//! The CRAS model: its trained head, the ONNX graph builder and the bundle format.
+
+pub mod aggregation;
+pub mod bundle;
+pub mod graph;
+pub mod head;

