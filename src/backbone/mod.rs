@@ -100,6 +100,8 @@ pub struct BackboneOutputs {
     pub stage_a: String,
     pub stage_b: String,
     pub bn_stats: Vec<BnStat>,
+    /// Multiply-accumulates of the convolutions for one image.
+    pub macs: u64,
 }
 
 /// A backbone whose weights passed validation.
@@ -126,10 +128,7 @@ impl Backbone {
         kind: BackboneKind,
         weights: StateDict,
     ) -> Result<Backbone, WeightsError> {
-        let expected = match kind {
-            BackboneKind::EfficientnetLite0 => efficientnet::expected_keys(),
-            _ => resnet::expected_keys(kind),
-        };
+        let expected = Self::expected_keys(kind);
         for (key, shape) in &expected {
             let found = weights.shape(key)?;
             let classifier = key.starts_with("fc.") || key.starts_with("_fc.");
@@ -157,6 +156,14 @@ impl Backbone {
         };
         weights.reject_unknown(&known, kind.name())?;
         Ok(Backbone { kind, weights })
+    }
+
+    /// Every (key, shape) the architecture's state dict holds (BatchNorm counters aside).
+    pub fn expected_keys(kind: BackboneKind) -> Vec<(String, Vec<usize>)> {
+        match kind {
+            BackboneKind::EfficientnetLite0 => efficientnet::expected_keys(),
+            _ => resnet::expected_keys(kind),
+        }
     }
 
     /// Channels of stage A (stride 8) and stage B (stride 16).
@@ -213,6 +220,8 @@ impl Backbone {
             backbone: self,
             mode,
             stats: Vec::new(),
+            macs: 0,
+            conv_macs_per_position: 0,
         };
         let (a, b) = match self.kind {
             BackboneKind::EfficientnetLite0 => efficientnet::build(&mut ctx, x, h, w)?,
@@ -222,6 +231,7 @@ impl Backbone {
             stage_a: a,
             stage_b: b,
             bn_stats: ctx.stats,
+            macs: ctx.macs,
         })
     }
 
@@ -255,6 +265,10 @@ pub(crate) struct BuildCtx<'a> {
     pub backbone: &'a Backbone,
     pub mode: BnMode,
     pub stats: Vec<BnStat>,
+    pub macs: u64,
+    /// MACs per output position of the last convolution; every convolution in these
+    /// backbones is followed by its BatchNorm, which knows the output size and books it.
+    conv_macs_per_position: u64,
 }
 
 impl BuildCtx<'_> {
@@ -273,6 +287,7 @@ impl BuildCtx<'_> {
             .weights
             .get(&format!("{prefix}.weight"), &shape)?
             .to_vec();
+        self.conv_macs_per_position = w.len() as u64;
         Ok(self.g.conv(x, w, shape, None, stride, pads, group))
     }
 
@@ -285,6 +300,7 @@ impl BuildCtx<'_> {
         hw: (usize, usize),
     ) -> Result<String, WeightsError> {
         let p = self.backbone.bn(prefix, c)?;
+        self.macs += std::mem::take(&mut self.conv_macs_per_position) * (hw.0 * hw.1) as u64;
         Ok(match self.mode {
             BnMode::Eval => self.g.batch_norm(x, &p),
             BnMode::Train => {

@@ -116,6 +116,49 @@ impl CrasModel<'_> {
         Ok(())
     }
 
+    /// Multiply-accumulates per image: backbone convolutions, aggregation, adaptor, class
+    /// choice, center search, scorer and the map stage (elementwise ops not counted).
+    pub fn macs_per_image(&self) -> Result<u64, GraphError> {
+        let mut g = GraphBuilder::new();
+        let x = g.input(
+            "image",
+            ElemType::F32,
+            vec![
+                Dim::Fixed(1),
+                Dim::Fixed(3),
+                Dim::Fixed(self.height as i64),
+                Dim::Fixed(self.width as i64),
+            ],
+        );
+        let backbone = self
+            .backbone
+            .build(&mut g, &x, self.height, self.width, BnMode::Eval)?
+            .macs;
+        let ((ha, wa), (hb, wb)) = self.backbone.stage_sizes(self.height, self.width);
+        let (ca, cb) = self.backbone.stage_channels();
+        let agg = aggregation::plan(ca, cb, self.pre_dim, self.head.embed_dim);
+        let aggregation =
+            (agg.stage_a.weight.len() * ha * wa + agg.stage_b.weight.len() * hb * wb) as u64;
+        let (p, d, c) = (
+            (ha * wa) as u64,
+            self.head.embed_dim as u64,
+            self.centers.classes as u64,
+        );
+        let adaptor = p * d * d;
+        let class_choice = c * p * d;
+        let center_search = p * p * d;
+        let scorer: u64 = self
+            .head
+            .hidden
+            .iter()
+            .map(|l| (l.out * l.inp) as u64 * p)
+            .sum::<u64>()
+            + self.head.tail.len() as u64 * p;
+        let taps = gaussian_kernel(MAP_SIGMA, MAP_TRUNCATE).len() as u64;
+        let map = 2 * taps * (self.height * self.width) as u64;
+        Ok(backbone + aggregation + adaptor + class_choice + center_search + scorer + map)
+    }
+
     /// Builds the ONNX model bytes.
     pub fn to_onnx(&self, opts: GraphOptions) -> Result<Vec<u8>, GraphError> {
         self.validate()?;
@@ -348,4 +391,83 @@ pub fn bn_replay_graph(
         onnx: g.to_bytes("cras_bn_replay", "cras"),
         layers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backbone::{Backbone, BackboneKind};
+    use crate::weights::{StateDict, Tensor};
+
+    fn zeros(keys: &[(String, Vec<usize>)]) -> StateDict {
+        StateDict {
+            tensors: keys
+                .iter()
+                .map(|(k, s)| {
+                    (
+                        k.clone(),
+                        Tensor::f32(s.clone(), vec![0.0; s.iter().product()]),
+                    )
+                })
+                .collect(),
+            source: "zeros".into(),
+        }
+    }
+
+    #[test]
+    fn wrn50_paper_config_macs_match_a_hand_count() {
+        // Hand count at 288x288: backbone up to layer3 15.21 G (stem 0.195, layer1 3.27,
+        // layer2 4.76, layer3 6.96), adaptor 1296*1536^2, center search 1296^2*1536,
+        // scorer 1296*(3072*1536 + 1536*768 + 768), class choice 2*1296*1536,
+        // aggregation 1296*768*18 + 324*768*36, map 2*33*288^2.
+        let kind = BackboneKind::WideResnet50_2;
+        let backbone =
+            Backbone::from_state_dict(kind, zeros(&Backbone::expected_keys(kind))).unwrap();
+        let (d, p) = (1536usize, 1296usize);
+        let mut keys = vec![
+            ("pre_projection.layers.0fc.weight".to_string(), vec![d, d]),
+            ("pre_projection.layers.0fc.bias".to_string(), vec![d]),
+            ("discriminator.tail.0.weight".to_string(), vec![1, d / 2]),
+        ];
+        for (i, (o, n)) in [(d, 2 * d), (d / 2, d)].into_iter().enumerate() {
+            let b = format!("discriminator.body.block{}", i + 1);
+            keys.push((format!("{b}.0.weight"), vec![o, n]));
+            keys.push((format!("{b}.0.bias"), vec![o]));
+            for s in ["weight", "bias", "running_mean", "running_var"] {
+                keys.push((format!("{b}.1.{s}"), vec![o]));
+            }
+        }
+        let head = CrasHead::from_state_dict(&zeros(&keys)).unwrap();
+        let centers = Centers {
+            classes: 2,
+            patches: p,
+            dim: d,
+            data: vec![0.0; 2 * p * d],
+        };
+        let model = CrasModel {
+            backbone: &backbone,
+            head: &head,
+            centers: &centers,
+            height: 288,
+            width: 288,
+            pre_dim: d,
+        };
+        let backbone_macs: u64 = 9408 * 20736
+            + (204_800 + 2 * 212_992) * 5184
+            + 65_536 * 5184
+            + (589_824 + 2 * 131_072) * 1296
+            + 3 * 851_968 * 1296
+            + 262_144 * 1296
+            + (2_359_296 + 2 * 524_288) * 324
+            + 5 * 3_407_872 * 324;
+        let (d, p) = (d as u64, p as u64);
+        let head_macs = p * d * d
+            + p * p * d
+            + p * (2 * d * d + d * d / 2 + d / 2)
+            + 2 * p * d
+            + p * (d / 2) * 18
+            + 324 * (d / 2) * 36
+            + 2 * 33 * 288 * 288;
+        assert_eq!(model.macs_per_image().unwrap(), backbone_macs + head_macs);
+    }
 }

@@ -1,0 +1,194 @@
+//! Engine latency per image at 288x288: the `lite0-d384` model (pretrained
+//! EfficientNet-Lite0, D 384) and the paper's configuration (wide_resnet50_2, D 1536,
+//! P 1296; weights are random: timing does not depend on their values), batch 1 and 4,
+//! with the onnxruntime engine. Also prints the multiply-accumulates per image and how
+//! far the measured time is from the machine's peak FP32 rate.
+//!
+//! Run: `cargo bench --bench engine_latency` (needs `cras setup --backbone efficientnet_lite0`
+//! and ../shared/fixtures, or CRAS_FIXTURES / CRAS_LITE0_PTH).
+//! Peak: CRAS_PEAK_GFLOPS, else cores x MHz x 32 FLOP/cycle (AVX2, two 8-lane FMA pipes).
+
+use cras::backbone::{Backbone, BackboneKind};
+use cras::engine::{EngineKind, EngineOptions};
+use cras::model::graph::{CrasModel, GraphOptions};
+use cras::model::head::{Centers, CrasHead};
+use cras::weights::{StateDict, Tensor};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn tensor(&mut self, shape: &[usize], scale: f32) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::f32(
+            shape.to_vec(),
+            (0..n).map(|_| self.next() * scale).collect(),
+        )
+    }
+}
+
+fn random_state_dict(keys: &[(String, Vec<usize>)], rng: &mut Rng) -> StateDict {
+    let mut t = BTreeMap::new();
+    for (k, shape) in keys {
+        let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
+        let tensor = if k.ends_with("running_var") || (shape.len() == 1 && k.ends_with(".weight")) {
+            Tensor::f32(shape.clone(), vec![1.0; shape[0]])
+        } else if shape.len() == 1 {
+            rng.tensor(shape, 0.01)
+        } else {
+            rng.tensor(shape, (2.0 / fan_in as f32).sqrt())
+        };
+        t.insert(k.clone(), tensor);
+    }
+    StateDict {
+        tensors: t,
+        source: "random".into(),
+    }
+}
+
+fn random_head(d: usize, rng: &mut Rng) -> CrasHead {
+    let mut keys = vec![
+        ("pre_projection.layers.0fc.weight".to_string(), vec![d, d]),
+        ("pre_projection.layers.0fc.bias".to_string(), vec![d]),
+    ];
+    for (i, (out, inp)) in [(d, 2 * d), (d / 2, d)].into_iter().enumerate() {
+        let p = format!("discriminator.body.block{}", i + 1);
+        keys.push((format!("{p}.0.weight"), vec![out, inp]));
+        keys.push((format!("{p}.0.bias"), vec![out]));
+        for s in ["weight", "bias", "running_mean", "running_var"] {
+            keys.push((format!("{p}.1.{s}"), vec![out]));
+        }
+    }
+    keys.push(("discriminator.tail.0.weight".to_string(), vec![1, d / 2]));
+    CrasHead::from_state_dict(&random_state_dict(&keys, rng)).expect("random head")
+}
+
+fn peak_gflops() -> f64 {
+    if let Some(v) = std::env::var("CRAS_PEAK_GFLOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return v;
+    }
+    let mhz = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(2000.0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
+    cores * mhz * 1e-3 * 32.0
+}
+
+fn bench(name: &str, model: &CrasModel, runs: usize) {
+    let macs = model.macs_per_image().expect("macs");
+    let onnx = model.to_onnx(GraphOptions::default()).expect("graph");
+    let peak = peak_gflops();
+    println!(
+        "{name}: {:.2} GMAC/image = {:.2} GFLOP/image; peak {peak:.0} GFLOP/s -> bound {:.1} ms/image",
+        macs as f64 * 1e-9,
+        2.0 * macs as f64 * 1e-9,
+        2.0 * macs as f64 / (peak * 1e9) * 1e3
+    );
+    for batch in [1usize, 4] {
+        let t0 = Instant::now();
+        let mut engine = EngineKind::Onnxruntime
+            .load(&onnx, &EngineOptions::default())
+            .expect("engine");
+        let load_s = t0.elapsed().as_secs_f64();
+        let input = vec![0.1f32; batch * 3 * model.height * model.width];
+        for _ in 0..2 {
+            engine
+                .run(&input, [batch, 3, model.height, model.width])
+                .expect("run");
+        }
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            let t = Instant::now();
+            engine
+                .run(&input, [batch, 3, model.height, model.width])
+                .expect("run");
+            times.push(t.elapsed().as_secs_f64() * 1e3 / batch as f64);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        let median = times[times.len() / 2];
+        let bound = 2.0 * macs as f64 / (peak * 1e9) * 1e3;
+        println!(
+            "  onnxruntime batch {batch}: median {median:.1} ms/image (min {:.1}, max {:.1}, {runs} runs; session load {load_s:.1} s); {:.1}x the peak-FLOP bound, {:.0} GFLOP/s achieved",
+            times[0],
+            times[times.len() - 1],
+            median / bound,
+            2.0 * macs as f64 / (median * 1e-3) * 1e-9
+        );
+    }
+}
+
+fn main() {
+    let fixtures = std::env::var_os("CRAS_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
+    let lite0_pth = std::env::var_os("CRAS_LITE0_PTH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cras::setup::backbone_path(&cras::setup::EFFICIENTNET_LITE0));
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let wanted = |n: &str| filter.as_deref().is_none_or(|f| n.contains(f));
+
+    if wanted("lite0-d384") {
+        let set = fixtures.join("lite0-d384");
+        let backbone = Backbone::load(BackboneKind::EfficientnetLite0, &lite0_pth)
+            .expect("Lite0 weights (run `cras setup --backbone efficientnet_lite0`)");
+        let head = CrasHead::from_state_dict(
+            &StateDict::load(&set.join("ckpt_best_0.pth")).expect("fixture head"),
+        )
+        .expect("head");
+        let centers = Centers::load(&set.join("center.pth")).expect("fixture centers");
+        let model = CrasModel {
+            backbone: &backbone,
+            head: &head,
+            centers: &centers,
+            height: 288,
+            width: 288,
+            pre_dim: 384,
+        };
+        bench("lite0-d384", &model, 20);
+    }
+    if wanted("wrn50") {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let backbone = Backbone::from_state_dict(
+            BackboneKind::WideResnet50_2,
+            random_state_dict(
+                &Backbone::expected_keys(BackboneKind::WideResnet50_2),
+                &mut rng,
+            ),
+        )
+        .expect("wrn50");
+        let head = random_head(1536, &mut rng);
+        let centers = Centers {
+            classes: 2,
+            patches: 1296,
+            dim: 1536,
+            data: (0..2 * 1296 * 1536).map(|_| rng.next()).collect(),
+        };
+        let model = CrasModel {
+            backbone: &backbone,
+            head: &head,
+            centers: &centers,
+            height: 288,
+            width: 288,
+            pre_dim: 1536,
+        };
+        bench("wrn50-d1536 (paper)", &model, 5);
+    }
+}
