@@ -129,8 +129,13 @@ pub fn run(opts: &InferOptions) -> Result<usize> {
             continue;
         }
         let n = ok.len();
+        // An engine with a fixed batch (tract) gets the last, short chunk padded with
+        // zero images whose results are ignored.
+        let run_n = engine.fixed_batch().unwrap_or(n).max(n);
+        tensors.resize(run_n * 3 * spec.height * spec.width, 0.0);
         let t0 = Instant::now();
-        let outs = CrasOutputs::from_named(engine.run(&tensors, [n, 3, spec.height, spec.width])?)?;
+        let outs =
+            CrasOutputs::from_named(engine.run(&tensors, [run_n, 3, spec.height, spec.width])?)?;
         let engine_ms = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
         for (i, (path, crop, pre_ms)) in ok.iter().enumerate() {
             let class_id = outs.class_ids[i];

@@ -27,6 +27,16 @@ fn gaussian_and_reflect_follow_scipy() {
 
 #[test]
 fn maps_from_stored_patch_scores() {
+    check_maps(EngineKind::Onnxruntime);
+}
+
+#[cfg(feature = "tract")]
+#[test]
+fn maps_from_stored_patch_scores_on_tract() {
+    check_maps(EngineKind::Tract);
+}
+
+fn check_maps(kind: EngineKind) {
     let fx = common::fixtures();
     let mut g = GraphBuilder::new();
     let x = g.input(
@@ -46,8 +56,14 @@ fn maps_from_stored_patch_scores() {
             Dim::Fixed(288),
         ],
     );
-    let mut engine = EngineKind::Onnxruntime
-        .load(&g.to_bytes("map", "test"), &EngineOptions::default())
+    let mut engine = kind
+        .load(
+            &g.to_bytes("map", "test"),
+            &EngineOptions {
+                batch: 1,
+                ..Default::default()
+            },
+        )
         .unwrap();
     let mut checked = 0;
     for (set, n) in [

@@ -13,6 +13,16 @@ use cras::weights::StateDict;
 
 #[test]
 fn stages_match_the_reference() {
+    check_stages(EngineKind::Onnxruntime);
+}
+
+#[cfg(feature = "tract")]
+#[test]
+fn stages_match_the_reference_on_tract() {
+    check_stages(EngineKind::Tract);
+}
+
+fn check_stages(kind: EngineKind) {
     let set = fixtures().join("lite0-d384");
     let backbone = Backbone::load(BackboneKind::EfficientnetLite0, &lite0_weights()).unwrap();
     let head =
@@ -41,8 +51,14 @@ fn stages_match_the_reference() {
             debug_outputs: true,
         })
         .unwrap();
-    let mut engine = EngineKind::Onnxruntime
-        .load(&onnx, &EngineOptions::default())
+    let mut engine = kind
+        .load(
+            &onnx,
+            &EngineOptions {
+                batch: 1,
+                ..Default::default()
+            },
+        )
         .unwrap();
 
     let results = results(&set);

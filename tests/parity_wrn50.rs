@@ -32,7 +32,7 @@ fn formula_parts() -> (Backbone, CrasHead) {
 }
 
 /// Runs the debug graph on the fixture images of `set` and checks every stage.
-fn check_set(set: &Path, backbone: &Backbone, head: &CrasHead) {
+fn check_set(set: &Path, backbone: &Backbone, head: &CrasHead, kind: EngineKind) {
     let images = fixtures().join("wrn50-formula/images");
     let centers = Centers::load(&set.join("centers_f16.npy")).unwrap();
     assert_eq!(
@@ -52,8 +52,14 @@ fn check_set(set: &Path, backbone: &Backbone, head: &CrasHead) {
             debug_outputs: true,
         })
         .unwrap();
-    let mut engine = EngineKind::Onnxruntime
-        .load(&onnx, &EngineOptions::default())
+    let mut engine = kind
+        .load(
+            &onnx,
+            &EngineOptions {
+                batch: 4,
+                ..Default::default()
+            },
+        )
         .unwrap();
     let spec = cras::preprocess::InputSpec {
         height: 288,
@@ -154,21 +160,41 @@ fn check_set(set: &Path, backbone: &Backbone, head: &CrasHead) {
 #[test]
 fn formula_model_matches_reference() {
     let (backbone, head) = formula_parts();
-    check_set(&fixtures().join("wrn50-formula"), &backbone, &head);
+    check_set(
+        &fixtures().join("wrn50-formula"),
+        &backbone,
+        &head,
+        EngineKind::Onnxruntime,
+    );
+}
+
+#[cfg(feature = "tract")]
+#[test]
+fn formula_model_matches_reference_on_tract() {
+    let (backbone, head) = formula_parts();
+    check_set(
+        &fixtures().join("wrn50-formula"),
+        &backbone,
+        &head,
+        EngineKind::Tract,
+    );
 }
 
 #[test]
 fn bn_replay_matches_reference_quirk() {
+    check_bn_replay(EngineKind::Onnxruntime);
+}
+
+#[cfg(feature = "tract")]
+#[test]
+fn bn_replay_matches_reference_quirk_on_tract() {
+    check_bn_replay(EngineKind::Tract);
+}
+
+fn check_bn_replay(kind: EngineKind) {
     let set = fixtures().join("wrn50-formula-bnquirk");
     let (mut backbone, head) = formula_parts();
-    replay_train_mode_pass(
-        &mut backbone,
-        288,
-        288,
-        EngineKind::Onnxruntime,
-        &EngineOptions::default(),
-    )
-    .unwrap();
+    replay_train_mode_pass(&mut backbone, 288, 288, kind, &EngineOptions::default()).unwrap();
     let stat = |k: &str| match &backbone.weights.tensors[k].data {
         TensorData::F32(v) => v.clone(),
         _ => unreachable!(),
@@ -222,7 +248,7 @@ fn bn_replay_matches_reference_quirk() {
             );
         }
     }
-    check_set(&set, &backbone, &head);
+    check_set(&set, &backbone, &head, kind);
 }
 
 #[test]

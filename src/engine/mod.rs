@@ -4,6 +4,8 @@
 //! a `Box<dyn Engine>`, which only runs.
 
 pub mod onnxruntime;
+#[cfg(feature = "tract")]
+pub mod tract;
 
 use std::path::PathBuf;
 
@@ -49,7 +51,9 @@ pub enum EngineError {
     Load(String),
     #[error("inference failed: {0}")]
     Run(String),
-    #[error("engine `{0}` is not available in this version of cras; use --engine onnxruntime")]
+    #[error(
+        "engine `{0}` is not built into this binary; rebuild with `cargo build --features {0}`"
+    )]
     NotBuilt(&'static str),
     #[error("model output `{0}` is missing or has the wrong type")]
     Output(String),
@@ -60,6 +64,10 @@ pub trait Engine: Send {
     fn name(&self) -> &'static str;
     /// Runs on the `image` input of shape `shape` ([N,3,H,W]); returns every graph output.
     fn run(&mut self, image: &[f32], shape: [usize; 4]) -> Result<Vec<NamedTensor>, EngineError>;
+    /// The only batch size this engine runs, if it has one (tract).
+    fn fixed_batch(&self) -> Option<usize> {
+        None
+    }
 }
 
 #[derive(
@@ -69,7 +77,7 @@ pub trait Engine: Send {
 pub enum EngineKind {
     /// onnxruntime through a dynamically loaded libonnxruntime (default).
     Onnxruntime,
-    /// tract: pure Rust, no system library (planned; not yet available).
+    /// tract: pure Rust, no system library (Cargo feature `tract`; fixed batch size).
     Tract,
 }
 
@@ -96,8 +104,9 @@ impl EngineKind {
     pub fn load(self, model: &[u8], opts: &EngineOptions) -> Result<Box<dyn Engine>, EngineError> {
         match self {
             EngineKind::Onnxruntime => Ok(Box::new(onnxruntime::OrtEngine::load(model, opts)?)),
-            // The pure-Rust tract engine is planned behind a Cargo feature (it builds for
-            // 25-50 minutes on 2 cores); until it lands the choice fails clearly.
+            #[cfg(feature = "tract")]
+            EngineKind::Tract => Ok(Box::new(tract::TractEngine::load(model, opts)?)),
+            #[cfg(not(feature = "tract"))]
             EngineKind::Tract => Err(EngineError::NotBuilt("tract")),
         }
     }
