@@ -84,6 +84,91 @@ pub fn map_stage(g: &mut GraphBuilder, scores: &str, height: usize, width: usize
     g.conv(&padded, k.clone(), [1, 1, 1, k.len()], None, 1, [0; 4], 1)
 }
 
+/// The patch embedding written into a graph: backbone, then the aggregation as two
+/// grouped 3x3 convolutions with stage B resized to stage A's grid, as [N, P, D].
+pub struct Embedding {
+    pub backbone: crate::backbone::BackboneOutputs,
+    pub embedding: String,
+}
+
+pub fn embedding(
+    g: &mut GraphBuilder,
+    backbone: &Backbone,
+    x: &str,
+    h: usize,
+    w: usize,
+    pre_dim: usize,
+    d: usize,
+) -> Result<Embedding, GraphError> {
+    let feats = backbone.build(g, x, h, w, BnMode::Eval)?;
+    let ((ha, wa), _) = backbone.stage_sizes(h, w);
+    let (ca, cb) = backbone.stage_channels();
+    let agg = aggregation::plan(ca, cb, pre_dim, d);
+    let ea = g.conv(
+        &feats.stage_a,
+        agg.stage_a.weight.clone(),
+        agg.stage_a.shape,
+        None,
+        1,
+        [1; 4],
+        agg.stage_a.groups,
+    );
+    let eb = g.conv(
+        &feats.stage_b,
+        agg.stage_b.weight.clone(),
+        agg.stage_b.shape,
+        None,
+        1,
+        [1; 4],
+        agg.stage_b.groups,
+    );
+    let eb = g.resize_bilinear(&eb, ha, wa);
+    let emb = if agg.concat {
+        g.node("Concat", &[&ea, &eb], vec![("axis", Attr::Int(1))])
+    } else {
+        g.add(&ea, &eb)
+    };
+    // [N,D,h,w] -> [N,P,D]
+    let emb = g.reshape(&emb, &[0, d as i64, -1]);
+    let emb = g.transpose(&emb, &[0, 2, 1]);
+    Ok(Embedding {
+        backbone: feats,
+        embedding: emb,
+    })
+}
+
+/// A graph from `image` [N,3,H,W] to `embedding` [N,P,D]: the frozen part of the model,
+/// whose outputs training caches.
+pub fn embedding_graph(
+    backbone: &Backbone,
+    h: usize,
+    w: usize,
+    pre_dim: usize,
+    d: usize,
+) -> Result<Vec<u8>, GraphError> {
+    let mut g = GraphBuilder::new();
+    let n = Dim::Sym("N");
+    let x = g.input(
+        "image",
+        ElemType::F32,
+        vec![
+            n.clone(),
+            Dim::Fixed(3),
+            Dim::Fixed(h as i64),
+            Dim::Fixed(w as i64),
+        ],
+    );
+    let emb = embedding(&mut g, backbone, &x, h, w, pre_dim, d)?;
+    let ((ha, wa), _) = backbone.stage_sizes(h, w);
+    g.output(
+        &emb.embedding,
+        "embedding",
+        ElemType::F32,
+        vec![n, Dim::Fixed((ha * wa) as i64), Dim::Fixed(d as i64)],
+    );
+    Ok(g.to_bytes("cras_embedding", "cras"))
+}
+
 impl CrasModel<'_> {
     /// Checks that backbone, head, centers and input size agree.
     pub fn validate(&self) -> Result<(), GraphError> {
@@ -177,40 +262,11 @@ impl CrasModel<'_> {
                 Dim::Fixed(w as i64),
             ],
         );
-        let feats = self.backbone.build(&mut g, &x, h, w, BnMode::Eval)?;
+        let emb = embedding(&mut g, self.backbone, &x, h, w, self.pre_dim, d)?;
+        let feats = emb.backbone;
         let ((ha, wa), _) = self.backbone.stage_sizes(h, w);
         let p = ha * wa;
-
-        // Aggregation: two grouped 3x3 convs, stage B resized to stage A's grid.
-        let (ca, cb) = self.backbone.stage_channels();
-        let agg = aggregation::plan(ca, cb, self.pre_dim, d);
-        let ea = g.conv(
-            &feats.stage_a,
-            agg.stage_a.weight.clone(),
-            agg.stage_a.shape,
-            None,
-            1,
-            [1; 4],
-            agg.stage_a.groups,
-        );
-        let eb = g.conv(
-            &feats.stage_b,
-            agg.stage_b.weight.clone(),
-            agg.stage_b.shape,
-            None,
-            1,
-            [1; 4],
-            agg.stage_b.groups,
-        );
-        let eb = g.resize_bilinear(&eb, ha, wa);
-        let emb = if agg.concat {
-            g.node("Concat", &[&ea, &eb], vec![("axis", Attr::Int(1))])
-        } else {
-            g.add(&ea, &eb)
-        };
-        // [N,D,h,w] -> [N,P,D]
-        let emb = g.reshape(&emb, &[0, d as i64, -1]);
-        let emb = g.transpose(&emb, &[0, 2, 1]);
+        let emb = emb.embedding;
 
         let f = g.linear(
             &emb,

@@ -1,0 +1,249 @@
+//! `cras synth`: a synthetic, seeded dataset in MVTec AD layout for tests and demos.
+//!
+//! Each class is a textured product surface (stripes, checkerboard, grain, dots) whose
+//! good images vary in phase, contrast and noise. Defects are drawn on good images with
+//! exact masks: `scratch` (thin dark line), `spot` (bright blob), `missing` (a patch of
+//! the texture gone, flat background). Layout:
+//! `<class>/train/good/NNN.png`, `<class>/test/good/NNN.png`,
+//! `<class>/test/<defect>/NNN.png`, `<class>/ground_truth/<defect>/NNN_mask.png`.
+
+use crate::rng::Rng;
+use anyhow::{Context, Result, bail};
+use image::{GrayImage, Luma, Rgb, RgbImage};
+use std::path::{Path, PathBuf};
+
+pub const TEXTURES: [&str; 4] = ["stripes", "checker", "grain", "dots"];
+pub const DEFECTS: [&str; 3] = ["scratch", "spot", "missing"];
+
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    pub out: PathBuf,
+    /// Number of classes (1..=4), taken from TEXTURES in order.
+    pub classes: usize,
+    pub train: usize,
+    pub test_good: usize,
+    /// Defective test images per defect type.
+    pub test_defect: usize,
+    pub size: u32,
+    pub seed: u64,
+}
+
+/// Base texture value at (x, y) in [0, 1] for a class, with per-image parameters.
+struct Texture {
+    kind: usize,
+    phase: (f64, f64),
+    angle: f64,
+    contrast: f64,
+    tint: [f64; 3],
+}
+
+impl Texture {
+    fn random(kind: usize, rng: &mut Rng) -> Texture {
+        Texture {
+            kind,
+            phase: (rng.range(0.0, 100.0), rng.range(0.0, 100.0)),
+            angle: rng.range(-0.08, 0.08),
+            contrast: rng.range(0.85, 1.0),
+            tint: [
+                rng.range(0.95, 1.05),
+                rng.range(0.95, 1.05),
+                rng.range(0.95, 1.05),
+            ],
+        }
+    }
+
+    fn value(&self, x: f64, y: f64) -> f64 {
+        let (px, py) = (x + self.phase.0, y + self.phase.1);
+        let (s, c) = self.angle.sin_cos();
+        let (u, v) = (c * px - s * py, s * px + c * py);
+        let base = match self.kind {
+            0 => 0.5 + 0.35 * (u * std::f64::consts::TAU / 12.0).sin(),
+            1 => {
+                let cell = ((u / 16.0).floor() + (v / 16.0).floor()) as i64;
+                if cell.rem_euclid(2) == 0 { 0.3 } else { 0.7 }
+            }
+            2 => 0.5 + 0.2 * ((u * 0.9).sin() * (v * 1.3).cos() + (u * 0.37 + v * 0.21).sin()),
+            _ => {
+                let (cu, cv) = (u.rem_euclid(14.0) - 7.0, v.rem_euclid(14.0) - 7.0);
+                if cu * cu + cv * cv < 12.0 { 0.75 } else { 0.35 }
+            }
+        };
+        0.5 + (base - 0.5) * self.contrast
+    }
+}
+
+fn good_image(kind: usize, size: u32, rng: &mut Rng) -> RgbImage {
+    let t = Texture::random(kind, rng);
+    let colour = [
+        [0.9, 0.8, 0.6],
+        [0.5, 0.6, 0.9],
+        [0.7, 0.7, 0.7],
+        [0.6, 0.85, 0.6],
+    ][kind];
+    RgbImage::from_fn(size, size, |x, y| {
+        let v = t.value(x as f64, y as f64);
+        let n = rng.normal() * 0.02;
+        Rgb([0, 1, 2]
+            .map(|c| ((v * colour[c] * t.tint[c] + n).clamp(0.0, 1.0) * 255.0).round() as u8))
+    })
+}
+
+/// Paints one defect; returns its mask (255 = defect).
+fn add_defect(img: &mut RgbImage, defect: usize, rng: &mut Rng) -> GrayImage {
+    let s = img.width() as f64;
+    let mut mask = GrayImage::new(img.width(), img.height());
+    let (cx, cy) = (rng.range(0.25 * s, 0.75 * s), rng.range(0.25 * s, 0.75 * s));
+    match defect {
+        0 => {
+            // scratch: a dark line segment, 2-3 px wide
+            let angle = rng.range(0.0, std::f64::consts::PI);
+            let half = rng.range(0.12 * s, 0.25 * s);
+            let width = rng.range(1.0, 1.8);
+            let (dx, dy) = (angle.cos(), angle.sin());
+            for (x, y, p) in img.enumerate_pixels_mut() {
+                let (rx, ry) = (x as f64 - cx, y as f64 - cy);
+                let along = rx * dx + ry * dy;
+                let across = (-rx * dy + ry * dx).abs();
+                if along.abs() <= half && across <= width {
+                    *p = Rgb(p.0.map(|v| (v as f64 * 0.25) as u8));
+                    mask.put_pixel(x, y, Luma([255]));
+                }
+            }
+        }
+        1 => {
+            // spot: a bright elliptical blob
+            let (rx, ry) = (rng.range(0.04 * s, 0.08 * s), rng.range(0.04 * s, 0.08 * s));
+            for (x, y, p) in img.enumerate_pixels_mut() {
+                let d = ((x as f64 - cx) / rx).powi(2) + ((y as f64 - cy) / ry).powi(2);
+                if d <= 1.0 {
+                    *p = Rgb(p.0.map(|v| (v as f64 * 0.3 + 255.0 * 0.7) as u8));
+                    mask.put_pixel(x, y, Luma([255]));
+                }
+            }
+        }
+        _ => {
+            // missing: a rectangle of the texture gone, flat dark background
+            let (w, h) = (rng.range(0.08 * s, 0.16 * s), rng.range(0.08 * s, 0.16 * s));
+            for (x, y, p) in img.enumerate_pixels_mut() {
+                if (x as f64 - cx).abs() <= w / 2.0 && (y as f64 - cy).abs() <= h / 2.0 {
+                    *p = Rgb([40, 40, 40]);
+                    mask.put_pixel(x, y, Luma([255]));
+                }
+            }
+        }
+    }
+    mask
+}
+
+fn save(img: &impl ImageSave, path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    img.save_png(path)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+trait ImageSave {
+    fn save_png(&self, path: &Path) -> image::ImageResult<()>;
+}
+impl ImageSave for RgbImage {
+    fn save_png(&self, path: &Path) -> image::ImageResult<()> {
+        self.save(path)
+    }
+}
+impl ImageSave for GrayImage {
+    fn save_png(&self, path: &Path) -> image::ImageResult<()> {
+        self.save(path)
+    }
+}
+
+/// Writes the dataset; returns the class names.
+pub fn generate(o: &SynthOptions) -> Result<Vec<String>> {
+    if o.classes == 0 || o.classes > TEXTURES.len() {
+        bail!("--classes must be between 1 and {}", TEXTURES.len());
+    }
+    if o.size < 32 {
+        bail!("--size must be at least 32 pixels");
+    }
+    let mut rng = Rng::new(o.seed);
+    let mut names = Vec::new();
+    for (kind, name) in TEXTURES.iter().enumerate().take(o.classes) {
+        let root = o.out.join(name);
+        for i in 0..o.train {
+            save(
+                &good_image(kind, o.size, &mut rng),
+                &root.join(format!("train/good/{i:03}.png")),
+            )?;
+        }
+        for i in 0..o.test_good {
+            save(
+                &good_image(kind, o.size, &mut rng),
+                &root.join(format!("test/good/{i:03}.png")),
+            )?;
+        }
+        for (d, defect) in DEFECTS.iter().enumerate() {
+            for i in 0..o.test_defect {
+                let mut img = good_image(kind, o.size, &mut rng);
+                let mask = add_defect(&mut img, d, &mut rng);
+                save(&img, &root.join(format!("test/{defect}/{i:03}.png")))?;
+                save(
+                    &mask,
+                    &root.join(format!("ground_truth/{defect}/{i:03}_mask.png")),
+                )?;
+            }
+        }
+        names.push(name.to_string());
+    }
+    Ok(names)
+}
+
+/// Paints a random synthetic defect on an image (used for validation positives).
+pub fn paint_random_defect(img: &mut RgbImage, rng: &mut Rng) -> GrayImage {
+    let d = rng.below(DEFECTS.len());
+    add_defect(img, d, rng)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_gives_identical_files_and_masks_cover_defects() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        for dir in [&a, &b] {
+            generate(&SynthOptions {
+                out: dir.path().to_path_buf(),
+                classes: 2,
+                train: 2,
+                test_good: 1,
+                test_defect: 1,
+                size: 64,
+                seed: 3,
+            })
+            .unwrap();
+        }
+        for rel in [
+            "stripes/train/good/001.png",
+            "checker/test/spot/000.png",
+            "checker/ground_truth/missing/000_mask.png",
+        ] {
+            assert_eq!(
+                std::fs::read(a.path().join(rel)).unwrap(),
+                std::fs::read(b.path().join(rel)).unwrap(),
+                "{rel}"
+            );
+        }
+        for d in DEFECTS {
+            let m = image::open(
+                a.path()
+                    .join(format!("stripes/ground_truth/{d}/000_mask.png")),
+            )
+            .unwrap()
+            .to_luma8();
+            let on = m.pixels().filter(|p| p.0[0] == 255).count();
+            assert!(on > 20 && on < 64 * 64 / 4, "{d}: {on} mask pixels");
+        }
+    }
+}
