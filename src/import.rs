@@ -151,6 +151,7 @@ pub fn import_reference(opts: &ImportOptions) -> Result<Bundle> {
             created_at: unix_now(),
             sources,
             notes,
+            training: None,
         },
         onnx_sha256: String::new(),
     };

@@ -3,7 +3,9 @@
 //! bundles, engines, pre-processing) behind the `cras` binary.
 
 pub mod backbone;
+pub mod dataset;
 pub mod engine;
+pub mod features;
 pub mod import;
 pub mod infer;
 pub mod metrics;
@@ -14,4 +16,5 @@ pub mod preprocess;
 pub mod rng;
 pub mod setup;
 pub mod synth;
+pub mod train;
 pub mod weights;

@@ -28,6 +28,102 @@ enum Command {
     ImportReference(ImportArgs),
     /// Run a model bundle on image files: one JSON line per image on stdout.
     Infer(InferArgs),
+    /// Train a multi-class model on good images (MVTec layout) and write a bundle.
+    Train(TrainArgs),
+    /// Write a synthetic, seeded dataset in MVTec layout (textures with defects and masks).
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Output folder.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Number of product classes (1-4: stripes, checker, grain, dots).
+    #[arg(long, default_value_t = 3)]
+    classes: usize,
+    /// Good training images per class.
+    #[arg(long, default_value_t = 30)]
+    train: usize,
+    /// Good test images per class.
+    #[arg(long, default_value_t = 10)]
+    test_good: usize,
+    /// Defective test images per class and defect type (scratch, spot, missing).
+    #[arg(long, default_value_t = 5)]
+    test_defect: usize,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 256)]
+    size: u32,
+    /// Random seed: the same seed writes the same files.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Dataset root in MVTec layout (<class>/train/good/*.png).
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Classes to train, comma separated [default: every class folder under --data]
+    #[arg(long, value_delimiter = ',')]
+    classes: Vec<String>,
+    /// Backbone as NAME or NAME=WEIGHTS (NAME alone uses the weights `cras setup --backbone NAME` installed).
+    #[arg(long, value_name = "NAME[=PATH]")]
+    backbone: String,
+    /// Output bundle directory.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Work folder for the embedding cache and checkpoints [default: <out>.work]
+    #[arg(long, value_name = "DIR")]
+    work: Option<PathBuf>,
+    /// Network input size (square crop).
+    #[arg(long, default_value_t = 288)]
+    image_size: usize,
+    /// Shorter side before the crop [default: image size x 329/288, as the paper]
+    #[arg(long)]
+    resize: Option<usize>,
+    /// Embedding width D [default: 384 for efficientnet_lite0, 1536 for the ResNets]
+    #[arg(long)]
+    embed_dim: Option<usize>,
+    /// Per-stage pooled width before fusion [default: the embedding width]
+    #[arg(long)]
+    pretrain_embed_dim: Option<usize>,
+    /// Training epochs.
+    #[arg(long, default_value_t = 100)]
+    epochs: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Adaptor learning rate (AdamW, weight decay 0.01).
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Scorer learning rate (Adam, L2 1e-5).
+    #[arg(long, default_value_t = 2e-4)]
+    scorer_lr: f64,
+    /// Standard deviation of the synthetic-anomaly noise (sigma).
+    #[arg(long, default_value_t = 0.015)]
+    noise: f64,
+    /// Shrink of the distance-guided noise scale towards 1 (k).
+    #[arg(long, default_value_t = 0.3)]
+    noise_k: f64,
+    /// Fraction of good training images held out per class to choose the epoch.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Random seed (split, initialisation, noise, shuffling).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue an interrupted run from the checkpoint in the work folder.
+    #[arg(long)]
+    resume: bool,
+    /// Input normalisation.
+    #[arg(long, value_enum, default_value = "imagenet")]
+    normalization: Normalization,
+    /// libonnxruntime.so for the embedding pass [default: $ORT_DYLIB_PATH, else the `cras setup` library]
+    #[arg(long, value_name = "FILE")]
+    ort_lib: Option<PathBuf>,
+    /// Threads for the embedding pass [default: all cores]
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -131,8 +227,108 @@ struct InferArgs {
     images: Vec<PathBuf>,
 }
 
+fn normalization(n: Normalization) -> ([f32; 3], [f32; 3]) {
+    match n {
+        Normalization::Imagenet => (IMAGENET_MEAN, IMAGENET_STD),
+        Normalization::Tflite => ([127.0 / 255.0; 3], [128.0 / 255.0; 3]),
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Synth(a) => {
+            let names = cras::synth::generate(&cras::synth::SynthOptions {
+                out: a.out.clone(),
+                classes: a.classes,
+                train: a.train,
+                test_good: a.test_good,
+                test_defect: a.test_defect,
+                size: a.size,
+                seed: a.seed,
+            })?;
+            eprintln!("wrote classes {} to {}", names.join(","), a.out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Train(a) => {
+            let (name, path) = match a.backbone.split_once('=') {
+                Some((n, p)) => (n.to_string(), PathBuf::from(p)),
+                None => {
+                    if a.backbone != cras::setup::EFFICIENTNET_LITE0.name {
+                        bail!(
+                            "--backbone {}: give the weights as NAME=PATH (only efficientnet_lite0 has installable weights)",
+                            a.backbone
+                        );
+                    }
+                    (
+                        a.backbone.clone(),
+                        cras::setup::backbone_path(&cras::setup::EFFICIENTNET_LITE0),
+                    )
+                }
+            };
+            let kind = cras::backbone::BackboneKind::parse(&name).map_err(anyhow::Error::msg)?;
+            let classes = if a.classes.is_empty() {
+                cras::dataset::discover_classes(&a.data)?
+            } else {
+                a.classes.clone()
+            };
+            let data = cras::dataset::open(&a.data, &classes)?;
+            let embed_dim = a.embed_dim.unwrap_or(match kind {
+                cras::backbone::BackboneKind::EfficientnetLite0 => 384,
+                _ => 1536,
+            });
+            let (mean, std) = normalization(a.normalization);
+            let resize = a
+                .resize
+                .unwrap_or((a.image_size as f64 * 329.0 / 288.0).round() as usize);
+            if resize < a.image_size {
+                bail!(
+                    "--resize ({resize}) must be at least --image-size ({})",
+                    a.image_size
+                );
+            }
+            let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, interrupted.clone())?;
+            }
+            let work = a.work.clone().unwrap_or_else(|| {
+                let mut w = a.out.clone().into_os_string();
+                w.push(".work");
+                PathBuf::from(w)
+            });
+            let opts = cras::train::TrainOptions {
+                data: a.data.clone(),
+                classes,
+                backbone: kind,
+                backbone_weights: path,
+                out: a.out.clone(),
+                work,
+                input: InputSpec {
+                    height: a.image_size,
+                    width: a.image_size,
+                    resize,
+                    mean,
+                    std,
+                },
+                embed_dim,
+                pre_dim: a.pretrain_embed_dim.unwrap_or(embed_dim),
+                epochs: a.epochs,
+                batch: a.batch,
+                adaptor_lr: a.lr,
+                scorer_lr: a.scorer_lr,
+                noise_std: a.noise,
+                noise_k: a.noise_k,
+                val_fraction: a.val_fraction,
+                seed: a.seed,
+                resume: a.resume,
+                engine_options: EngineOptions {
+                    ort_lib: a.ort_lib.clone(),
+                    threads: a.threads,
+                    batch: 8,
+                },
+            };
+            cras::train::train(&opts, &data, interrupted)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Setup(a) => {
             cras::setup::install_onnxruntime(a.onnxruntime_wheel.as_deref())?;
             if let Some(name) = a.backbone {
@@ -149,10 +345,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::ImportReference(a) => {
-            let (mean, std) = match a.normalization {
-                Normalization::Imagenet => (IMAGENET_MEAN, IMAGENET_STD),
-                Normalization::Tflite => ([127.0 / 255.0; 3], [128.0 / 255.0; 3]),
-            };
+            let (mean, std) = normalization(a.normalization);
             if a.resize < a.image_size {
                 bail!(
                     "--resize ({}) must be at least --image-size ({})",

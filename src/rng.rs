@@ -23,6 +23,20 @@ impl Rng {
         z ^ (z >> 31)
     }
 
+    /// The full generator state, to save in a checkpoint.
+    pub fn state(&self) -> (u64, u64) {
+        (
+            self.state,
+            self.spare_normal.map(f64::to_bits).unwrap_or(u64::MAX),
+        )
+    }
+
+    /// Restores a state from [`Rng::state`].
+    pub fn set_state(&mut self, s: (u64, u64)) {
+        self.state = s.0;
+        self.spare_normal = (s.1 != u64::MAX).then(|| f64::from_bits(s.1));
+    }
+
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64

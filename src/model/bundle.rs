@@ -39,6 +39,36 @@ pub struct Provenance {
     /// Free-form notes (options used, quirks replayed).
     #[serde(default)]
     pub notes: BTreeMap<String, String>,
+    /// How the model was trained, when `cras train` made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingRecord {
+    pub dataset: String,
+    /// sha256 over the training images (relative path and content hash, in order).
+    pub data_sha256: String,
+    /// Good training images per class (validation hold-out included).
+    pub train_images: BTreeMap<String, usize>,
+    pub validation_images: usize,
+    pub seed: u64,
+    pub options: BTreeMap<String, String>,
+    pub epochs: Vec<EpochRecord>,
+    pub selected_epoch: usize,
+    /// How the epoch was chosen, in words.
+    pub selection: String,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub loss: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_auroc: Option<f64>,
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

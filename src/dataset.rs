@@ -1,0 +1,128 @@
+//! Datasets in MVTec AD layout (also used by VisA, MPDD, ITDD):
+//! `<class>/train/good/*`, `<class>/test/<good|defect type>/*`,
+//! `<class>/ground_truth/<defect type>/<name>_mask.png`.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+
+const IMAGE_EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "PNG"];
+
+#[derive(Debug, Clone)]
+pub struct TestImage {
+    pub path: PathBuf,
+    /// `good` or the defect type (folder name).
+    pub kind: String,
+    pub mask: Option<PathBuf>,
+}
+
+impl TestImage {
+    pub fn is_defect(&self) -> bool {
+        self.kind != "good"
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClassData {
+    pub name: String,
+    pub train_good: Vec<PathBuf>,
+    pub test: Vec<TestImage>,
+}
+
+fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Reads the listing of `classes` under `root`. Training images are required; the test
+/// split may be absent (training only).
+pub fn open(root: &Path, classes: &[String]) -> Result<Vec<ClassData>> {
+    if classes.is_empty() {
+        bail!("no classes given");
+    }
+    let mut out = Vec::new();
+    for name in classes {
+        let dir = root.join(name);
+        if !dir.is_dir() {
+            bail!(
+                "class `{name}`: {} is not a folder (expected MVTec layout <class>/train/good)",
+                dir.display()
+            );
+        }
+        let train_dir = dir.join("train/good");
+        let train_good = if train_dir.is_dir() {
+            images_in(&train_dir)?
+        } else {
+            Vec::new()
+        };
+        let mut test = Vec::new();
+        let test_dir = dir.join("test");
+        if test_dir.is_dir() {
+            let mut kinds: Vec<PathBuf> = std::fs::read_dir(&test_dir)
+                .with_context(|| format!("cannot read {}", test_dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_dir())
+                .collect();
+            kinds.sort();
+            for kd in kinds {
+                let kind = kd
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                for path in images_in(&kd)? {
+                    let mask = if kind == "good" {
+                        None
+                    } else {
+                        let stem = path
+                            .file_stem()
+                            .map(|s| s.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        let m = dir
+                            .join("ground_truth")
+                            .join(&kind)
+                            .join(format!("{stem}_mask.png"));
+                        m.is_file().then_some(m)
+                    };
+                    test.push(TestImage {
+                        path,
+                        kind: kind.clone(),
+                        mask,
+                    });
+                }
+            }
+        }
+        out.push(ClassData {
+            name: name.clone(),
+            train_good,
+            test,
+        });
+    }
+    Ok(out)
+}
+
+/// The class names under `root` that have a `train/good` folder, sorted.
+pub fn discover_classes(root: &Path) -> Result<Vec<String>> {
+    let mut v: Vec<String> = std::fs::read_dir(root)
+        .with_context(|| format!("cannot read dataset folder {}", root.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("train/good").is_dir() || p.join("test").is_dir())
+        .filter_map(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        bail!(
+            "{} holds no class folders in MVTec layout (<class>/train/good)",
+            root.display()
+        );
+    }
+    Ok(v)
+}
