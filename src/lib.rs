@@ -3,8 +3,10 @@
 //! bundles, engines, pre-processing) behind the `cras` binary.
 
 pub mod backbone;
+pub mod calibrate;
 pub mod dataset;
 pub mod engine;
+pub mod eval;
 pub mod features;
 pub mod import;
 pub mod infer;

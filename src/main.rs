@@ -32,6 +32,59 @@ enum Command {
     Train(TrainArgs),
     /// Write a synthetic, seeded dataset in MVTec layout (textures with defects and masks).
     Synth(SynthArgs),
+    /// Evaluate a bundle on a dataset's test split: metrics per class and an HTML report.
+    Eval(EvalArgs),
+    /// Set per-class alarm thresholds in model.yaml (see docs/calibration in `cras calibrate --help`).
+    Calibrate(CalibrateArgs),
+}
+
+/// Thresholds from good images: Q_q + margin x (Q_q - median) of their scores, per class
+/// (image) and over their anomaly maps (pixel). The good images are the validation
+/// hold-out recorded by `cras train`. With --with-defects: F1-optimal thresholds on the
+/// labelled test images instead.
+#[derive(Args)]
+struct CalibrateArgs {
+    /// Model bundle directory (its model.yaml is updated).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Dataset root in MVTec layout.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Quantile of the good images' scores.
+    #[arg(long, default_value_t = 0.99)]
+    quantile: f64,
+    /// Quantile of the good images' anomaly-map values (pixel threshold).
+    #[arg(long, default_value_t = 0.999)]
+    pixel_quantile: f64,
+    /// Margin, in units of (quantile - median) of the good scores.
+    #[arg(long, default_value_t = 0.5)]
+    margin: f64,
+    /// Use the labelled test images (F1-optimal thresholds) instead of good images only.
+    #[arg(long)]
+    with_defects: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Model bundle directory.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Dataset root in MVTec layout (<class>/test/<kind>/*, <class>/ground_truth/...).
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Report folder (metrics.json, index.html, overlays).
+    #[arg(long, value_name = "DIR")]
+    report: PathBuf,
+    /// Classes to evaluate, comma separated [default: all the model's classes]
+    #[arg(long, value_delimiter = ',')]
+    classes: Vec<String>,
+    /// Images per engine call.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 #[derive(Args)]
@@ -236,6 +289,71 @@ fn normalization(n: Normalization) -> ([f32; 3], [f32; 3]) {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Calibrate(a) => {
+            let b = cras::calibrate::run(&cras::calibrate::CalibrateOptions {
+                model: a.model.clone(),
+                data: a.data,
+                quantile: a.quantile,
+                pixel_quantile: a.pixel_quantile,
+                margin: a.margin,
+                with_defects: a.with_defects,
+                engine: a.engine.engine,
+                engine_options: a.engine.options(4),
+            })?;
+            eprintln!(
+                "thresholds for {} classes written to {}",
+                b.meta.thresholds.len(),
+                a.model.join("model.yaml").display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval(a) => {
+            let r = cras::eval::run(&cras::eval::EvalOptions {
+                model: a.model,
+                data: a.data,
+                report: a.report.clone(),
+                classes: a.classes,
+                batch: a.batch.max(1),
+                engine: a.engine.engine,
+                engine_options: a.engine.options(a.batch.max(1)),
+            })?;
+            let pct = |v: Option<f64>| {
+                v.map(|x| format!("{:.2}", 100.0 * x))
+                    .unwrap_or_else(|| "-".into())
+            };
+            println!(
+                "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+                "class", "I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "AUPRO"
+            );
+            for m in &r.classes {
+                println!(
+                    "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+                    m.class,
+                    pct(m.image_auroc),
+                    pct(m.image_ap),
+                    pct(m.image_f1_max),
+                    pct(m.pixel_auroc),
+                    pct(m.pixel_ap),
+                    pct(m.aupro)
+                );
+            }
+            let mm = |k: &str| pct(r.mean.get(k).copied().flatten());
+            println!(
+                "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+                "mean",
+                mm("image_auroc"),
+                mm("image_ap"),
+                mm("image_f1_max"),
+                mm("pixel_auroc"),
+                mm("pixel_ap"),
+                mm("aupro")
+            );
+            eprintln!(
+                "report written to {}",
+                a.report.join("index.html").display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Synth(a) => {
             let names = cras::synth::generate(&cras::synth::SynthOptions {
                 out: a.out.clone(),

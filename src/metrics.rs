@@ -25,6 +25,19 @@ fn curve(scores: &[f32], labels: &[bool]) -> Vec<(f32, f64, f64)> {
     out
 }
 
+/// ROC curve points (false positive rate, true positive rate), from (0, 0) to (1, 1).
+pub fn roc_points(scores: &[f32], labels: &[bool]) -> Vec<(f64, f64)> {
+    let pos = labels.iter().filter(|l| **l).count().max(1) as f64;
+    let neg = (labels.len() - labels.iter().filter(|l| **l).count()).max(1) as f64;
+    let mut pts = vec![(0.0, 0.0)];
+    pts.extend(
+        curve(scores, labels)
+            .into_iter()
+            .map(|(_, tp, fp)| (fp / neg, tp / pos)),
+    );
+    pts
+}
+
 /// Area under the ROC curve (sklearn `roc_auc_score`).
 pub fn roc_auc(scores: &[f32], labels: &[bool]) -> Option<f64> {
     let pos = labels.iter().filter(|l| **l).count() as f64;

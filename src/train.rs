@@ -514,6 +514,37 @@ fn sha_of_sources(paths: &[PathBuf], root: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The seeded per-class hold-out of good training images: (training, validation) paths
+/// per class. `cras calibrate` calls it with the bundle's recorded seed and fraction to
+/// find the same validation images.
+pub fn holdout_split(
+    classes: &[ClassData],
+    seed: u64,
+    fraction: f64,
+) -> Result<Vec<(Vec<PathBuf>, Vec<PathBuf>)>> {
+    let mut rng = Rng::new(seed ^ 0x484f_4c44_4f55_5421);
+    let mut out = Vec::new();
+    for c in classes {
+        if c.train_good.len() < 2 {
+            bail!(
+                "class `{}` has {} training images; at least 2 are needed",
+                c.name,
+                c.train_good.len()
+            );
+        }
+        let mut imgs = c.train_good.clone();
+        rng.shuffle(&mut imgs);
+        let n_val = if fraction > 0.0 {
+            ((imgs.len() as f64 * fraction).round() as usize).clamp(1, imgs.len() - 1)
+        } else {
+            0
+        };
+        let train = imgs.split_off(n_val);
+        out.push((train, imgs));
+    }
+    Ok(out)
+}
+
 /// Runs training and writes the bundle.
 pub fn train(
     o: &TrainOptions,
@@ -542,30 +573,15 @@ pub fn train(
     let mut val_src = Vec::new();
     let mut val_cls = Vec::new();
     let mut per_class = BTreeMap::new();
-    for (ci, c) in classes.iter().enumerate() {
-        if c.train_good.len() < 2 {
-            bail!(
-                "class `{}` has {} training images; at least 2 are needed",
-                c.name,
-                c.train_good.len()
-            );
-        }
-        let mut imgs = c.train_good.clone();
-        rng.shuffle(&mut imgs);
-        let n_val = if o.val_fraction > 0.0 {
-            ((imgs.len() as f64 * o.val_fraction).round() as usize).clamp(1, imgs.len() - 1)
-        } else {
-            0
-        };
-        for (k, path) in imgs.into_iter().enumerate() {
-            if k < n_val {
-                val_src.push(Source::File(path));
-                val_cls.push(ci);
-            } else {
-                train_src.push(Source::File(path));
-                train_cls.push(ci);
-            }
-        }
+    for (ci, (c, (train, val))) in classes
+        .iter()
+        .zip(holdout_split(classes, o.seed, o.val_fraction)?)
+        .enumerate()
+    {
+        train_src.extend(train.into_iter().map(Source::File));
+        train_cls.resize(train_src.len(), ci);
+        val_src.extend(val.into_iter().map(Source::File));
+        val_cls.resize(val_src.len(), ci);
         per_class.insert(c.name.clone(), c.train_good.len());
     }
     // Validation positives: every validation image again, with a seeded synthetic defect.

@@ -256,6 +256,22 @@ impl Bundle {
         })
     }
 
+    /// Rewrites `model.yaml` (after calibration); `model.onnx` is left untouched.
+    pub fn write_meta(&self) -> Result<(), BundleError> {
+        let path = self.dir.join(YAML_FILE);
+        self.meta.check(&path)?;
+        let yaml = serde_saphyr::to_string(&self.meta).map_err(|e| BundleError::Yaml {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let tmp = self.dir.join(format!(".{YAML_FILE}.tmp"));
+        std::fs::write(&tmp, yaml).map_err(|source| BundleError::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+        std::fs::rename(&tmp, &path).map_err(|source| BundleError::Io { path, source })
+    }
+
     /// Short model id for logs and alarms: backbone and the first 12 hex digits of the
     /// graph's hash.
     pub fn model_id(&self) -> String {

@@ -1,0 +1,233 @@
+//! `cras calibrate`: per-class alarm thresholds stored in `model.yaml`.
+//!
+//! From good images only (the default), per class:
+//! - image threshold `t = Q_q + margin * (Q_q - Q_0.5)` of the good images' scores,
+//!   with `q` = 0.99 and margin 0.5 by default: the q-quantile sets the expected false
+//!   alarm rate on good parts and the margin, measured in the spread of the good scores
+//!   above their median, keeps a small validation set from placing it too tightly;
+//! - pixel threshold: the same rule over every anomaly-map value of those images, with
+//!   the pixel quantile (0.999 by default).
+//!
+//! The good images are the validation hold-out `cras train` recorded (same seed and
+//! fraction, so never images the model trained on). A bundle without training
+//! provenance (imported) uses `train/good`, whose scores run low: thresholds then err on
+//! the side of more alarms, and a warning says so.
+//!
+//! With `--with-defects` the labelled test images (`test/*`, `ground_truth/*`) are used
+//! instead: the image threshold is the F1-optimal one, and the pixel threshold the
+//! F1-optimal one over mask pixels when every defect has a mask. Evaluating afterwards
+//! on the same test images is then optimistic.
+
+use crate::dataset::ClassData;
+use crate::engine::{CrasOutputs, EngineKind, EngineOptions};
+use crate::model::bundle::{Bundle, ClassThresholds};
+use crate::preprocess;
+use anyhow::{Context, Result, bail};
+use std::path::PathBuf;
+
+pub struct CalibrateOptions {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub quantile: f64,
+    pub pixel_quantile: f64,
+    pub margin: f64,
+    pub with_defects: bool,
+    pub engine: EngineKind,
+    pub engine_options: EngineOptions,
+}
+
+/// Linear-interpolated quantile (NumPy's default) of unsorted values.
+pub fn quantile(values: &mut [f32], q: f64) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let pos = q.clamp(0.0, 1.0) * (values.len().saturating_sub(1)) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    let frac = pos - lo as f64;
+    values[lo] as f64 * (1.0 - frac) + values[hi] as f64 * frac
+}
+
+/// `Q_q + margin * (Q_q - Q_0.5)`.
+pub fn threshold_from_good(values: &mut [f32], q: f64, margin: f64) -> f64 {
+    let median = quantile(values, 0.5);
+    let qq = quantile(values, q);
+    qq + margin * (qq - median)
+}
+
+struct Scores {
+    image: Vec<f32>,
+    /// Anomaly maps, concatenated.
+    pixels: Vec<f32>,
+}
+
+fn score(
+    engine: &mut dyn crate::engine::Engine,
+    bundle: &Bundle,
+    paths: &[PathBuf],
+) -> Result<Scores> {
+    let spec = &bundle.meta.input;
+    let mut s = Scores {
+        image: Vec::new(),
+        pixels: Vec::new(),
+    };
+    for chunk in paths.chunks(4) {
+        let mut input = Vec::new();
+        let mut n = 0;
+        for p in chunk {
+            match preprocess::prepare(p, spec) {
+                Ok((x, _)) => {
+                    input.extend(x);
+                    n += 1;
+                }
+                Err(e) => tracing::warn!("skipping {e}"),
+            }
+        }
+        if n == 0 {
+            continue;
+        }
+        let run_n = engine.fixed_batch().unwrap_or(n).max(n);
+        input.resize(run_n * 3 * spec.height * spec.width, 0.0);
+        let o = CrasOutputs::from_named(engine.run(&input, [run_n, 3, spec.height, spec.width])?)?;
+        for i in 0..n {
+            s.image.push(o.image_scores[i]);
+            s.pixels.extend_from_slice(o.map(i));
+        }
+    }
+    Ok(s)
+}
+
+fn good_images(bundle: &Bundle, classes: &[ClassData]) -> Result<Vec<Vec<PathBuf>>> {
+    if let Some(t) = &bundle.meta.provenance.training {
+        let fraction: f64 = t
+            .options
+            .get("val_fraction")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.1);
+        let split = crate::train::holdout_split(classes, t.seed, fraction)?;
+        if split.iter().all(|(_, v)| !v.is_empty()) {
+            return Ok(split.into_iter().map(|(_, v)| v).collect());
+        }
+    }
+    tracing::warn!(
+        "the bundle records no validation hold-out: calibrating on train/good, whose scores run low, so \
+         thresholds err towards more alarms"
+    );
+    Ok(classes.iter().map(|c| c.train_good.clone()).collect())
+}
+
+pub fn run(o: &CalibrateOptions) -> Result<Bundle> {
+    if !(0.0..=1.0).contains(&o.quantile)
+        || !(0.0..=1.0).contains(&o.pixel_quantile)
+        || o.margin < 0.0
+    {
+        bail!("--quantile and --pixel-quantile must be in [0, 1] and --margin at least 0");
+    }
+    let mut bundle = Bundle::read(&o.model)?;
+    let classes = crate::dataset::open(&o.data, &bundle.meta.classes)?;
+    let mut engine = o.engine.load(
+        &bundle.onnx,
+        &EngineOptions {
+            batch: 4,
+            ..o.engine_options.clone()
+        },
+    )?;
+    let goods = if o.with_defects {
+        Vec::new()
+    } else {
+        good_images(&bundle, &classes)?
+    };
+    for (ci, c) in classes.iter().enumerate() {
+        let t = if o.with_defects {
+            labelled_thresholds(engine.as_mut(), &bundle, c)?
+        } else {
+            let paths = &goods[ci];
+            let mut s = score(engine.as_mut(), &bundle, paths)?;
+            if s.image.is_empty() {
+                bail!("class `{}`: no readable good image to calibrate on", c.name);
+            }
+            let image = threshold_from_good(&mut s.image, o.quantile, o.margin);
+            let pixel = threshold_from_good(&mut s.pixels, o.pixel_quantile, o.margin);
+            eprintln!(
+                "{}: image threshold {image:.5}, pixel threshold {pixel:.5} (from {} good images, q {}, margin {})",
+                c.name,
+                s.image.len(),
+                o.quantile,
+                o.margin
+            );
+            ClassThresholds {
+                image: image as f32,
+                pixel: Some(pixel as f32),
+            }
+        };
+        bundle.meta.thresholds.insert(c.name.clone(), t);
+    }
+    let how = if o.with_defects {
+        "F1-optimal on labelled test images".to_string()
+    } else {
+        format!(
+            "good images: Q{} + {} x (Q{} - median); pixels Q{}",
+            o.quantile, o.margin, o.quantile, o.pixel_quantile
+        )
+    };
+    bundle
+        .meta
+        .provenance
+        .notes
+        .insert("calibration".to_string(), how);
+    bundle.write_meta()?;
+    Ok(bundle)
+}
+
+fn labelled_thresholds(
+    engine: &mut dyn crate::engine::Engine,
+    bundle: &Bundle,
+    c: &ClassData,
+) -> Result<ClassThresholds> {
+    let spec = &bundle.meta.input;
+    let paths: Vec<PathBuf> = c.test.iter().map(|t| t.path.clone()).collect();
+    if !c.test.iter().any(|t| t.is_defect()) || !c.test.iter().any(|t| !t.is_defect()) {
+        bail!(
+            "class `{}`: --with-defects needs good and defective test images",
+            c.name
+        );
+    }
+    let s = score(engine, bundle, &paths)?;
+    if s.image.len() != c.test.len() {
+        bail!(
+            "class `{}`: some test images could not be read; fix them before calibrating on labels",
+            c.name
+        );
+    }
+    let labels: Vec<bool> = c.test.iter().map(|t| t.is_defect()).collect();
+    let (f1, image) = crate::metrics::f1_max(&s.image, &labels).context("no defects")?;
+    let pixel = if c.test.iter().all(|t| !t.is_defect() || t.mask.is_some()) {
+        let mut lab = Vec::with_capacity(s.pixels.len());
+        for t in &c.test {
+            match &t.mask {
+                Some(m) => lab.extend(crate::eval::load_mask(m, spec)?),
+                None => lab.extend(std::iter::repeat_n(false, spec.height * spec.width)),
+            }
+        }
+        crate::metrics::f1_max(&s.pixels, &lab).map(|x| x.1)
+    } else {
+        None
+    };
+    eprintln!(
+        "{}: image threshold {image:.5} (F1 {f1:.3}), pixel threshold {:?}",
+        c.name, pixel
+    );
+    Ok(ClassThresholds { image, pixel })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_like_numpy() {
+        // numpy.quantile([1, 2, 3, 4, 10], [0.5, 0.9]) -> [3.0, 7.6]
+        let mut v = [10.0f32, 1.0, 3.0, 2.0, 4.0];
+        assert!((quantile(&mut v, 0.5) - 3.0).abs() < 1e-9);
+        assert!((quantile(&mut v, 0.9) - 7.6).abs() < 1e-6);
+        // threshold: Q0.9 + 0.5 * (Q0.9 - median) = 7.6 + 2.3
+        assert!((threshold_from_good(&mut v, 0.9, 0.5) - 9.9).abs() < 1e-6);
+    }
+}
