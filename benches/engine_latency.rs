@@ -1,7 +1,7 @@
 //! Engine latency per image at 288x288: the `lite0-d384` model (pretrained
 //! EfficientNet-Lite0, D 384) and the paper's configuration (wide_resnet50_2, D 1536,
 //! P 1296; weights are random: timing does not depend on their values), batch 1 and 4,
-//! with the onnxruntime engine. Also prints the multiply-accumulates per image and how
+//! with the onnxruntime engine (and tract when built with `--features tract`). Also prints the multiply-accumulates per image and how
 //! far the measured time is from the machine's peak FP32 rate.
 //!
 //! Run: `cargo bench --bench engine_latency` (needs `cras setup --backbone efficientnet_lite0`
@@ -102,10 +102,20 @@ fn bench(name: &str, model: &CrasModel, runs: usize) {
         2.0 * macs as f64 * 1e-9,
         2.0 * macs as f64 / (peak * 1e9) * 1e3
     );
-    for batch in [1usize, 4] {
+    let mut kinds = vec![EngineKind::Onnxruntime];
+    if cfg!(feature = "tract") {
+        kinds.push(EngineKind::Tract);
+    }
+    for (kind, batch) in kinds.into_iter().flat_map(|k| [(k, 1usize), (k, 4)]) {
         let t0 = Instant::now();
-        let mut engine = EngineKind::Onnxruntime
-            .load(&onnx, &EngineOptions::default())
+        let mut engine = kind
+            .load(
+                &onnx,
+                &EngineOptions {
+                    batch,
+                    ..Default::default()
+                },
+            )
             .expect("engine");
         let load_s = t0.elapsed().as_secs_f64();
         let input = vec![0.1f32; batch * 3 * model.height * model.width];
@@ -126,7 +136,8 @@ fn bench(name: &str, model: &CrasModel, runs: usize) {
         let median = times[times.len() / 2];
         let bound = 2.0 * macs as f64 / (peak * 1e9) * 1e3;
         println!(
-            "  onnxruntime batch {batch}: median {median:.1} ms/image (min {:.1}, max {:.1}, {runs} runs; session load {load_s:.1} s); {:.1}x the peak-FLOP bound, {:.0} GFLOP/s achieved",
+            "  {} batch {batch}: median {median:.1} ms/image (min {:.1}, max {:.1}, {runs} runs; session load {load_s:.1} s); {:.1}x the peak-FLOP bound, {:.0} GFLOP/s achieved",
+            kind.name(),
             times[0],
             times[times.len() - 1],
             median / bound,

@@ -5,6 +5,8 @@
 use super::{Engine, EngineError, EngineOptions, NamedTensor, Values};
 use std::sync::Arc;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+use tract_onnx::tract_hir::internal::DimLike;
 
 pub struct TractEngine {
     plan: Arc<TypedRunnableModel>,
@@ -91,10 +93,10 @@ impl Engine for TractEngine {
         for (name, value) in self.output_names.iter().zip(outputs) {
             let t = value.into_tensor();
             let shape = t.shape().to_vec();
-            let values = if let Ok(v) = t.as_slice::<f32>() {
-                Values::F32(v.to_vec())
-            } else if let Ok(v) = t.as_slice::<i64>() {
-                Values::I64(v.to_vec())
+            let values = if let Ok(v) = t.to_plain_array_view::<f32>() {
+                Values::F32(v.iter().copied().collect())
+            } else if let Ok(v) = t.to_plain_array_view::<i64>() {
+                Values::I64(v.iter().copied().collect())
             } else {
                 return Err(EngineError::Output(name.clone()));
             };

@@ -130,11 +130,24 @@ pub fn read_file(path: &Path) -> Result<Tensor, String> {
     read(&bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Reads an f64 `.npy` exactly (f64 arrays are otherwise narrowed to f32).
+/// Reads an f64 (`<f8`) `.npy` exactly (f64 arrays are otherwise narrowed to f32).
 pub fn read_f64_file(path: &Path) -> Result<Vec<f64>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    // Validates the header (and the data length) first.
+    let t = read(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let n = t.numel();
+    if bytes[6] != 1 {
+        return Err(format!(
+            "{}: only .npy version 1 is read as float64",
+            path.display()
+        ));
+    }
     let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    Ok(bytes[10 + hlen..]
+    let body = &bytes[10 + hlen..];
+    if body.len() != n * 8 {
+        return Err(format!("{}: not a float64 array", path.display()));
+    }
+    Ok(body
         .chunks_exact(8)
         .map(|c| {
             let mut a = [0u8; 8];
