@@ -4,6 +4,7 @@
 
 pub mod backbone;
 pub mod calibrate;
+pub mod config;
 pub mod dataset;
 pub mod engine;
 pub mod eval;
@@ -14,9 +15,11 @@ pub mod metrics;
 pub mod model;
 pub mod onnx;
 pub mod overlay;
+pub mod pipeline_template;
 pub mod preprocess;
 pub mod rng;
 pub mod setup;
+pub mod spool;
 pub mod synth;
 pub mod train;
 pub mod weights;

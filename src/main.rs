@@ -34,6 +34,8 @@ enum Command {
     Synth(SynthArgs),
     /// Evaluate a bundle on a dataset's test split: metrics per class and an HTML report.
     Eval(EvalArgs),
+    /// Validate a daemon configuration file without starting anything.
+    CheckConfig(CheckConfigArgs),
     /// Set per-class alarm thresholds in model.yaml (see docs/calibration in `cras calibrate --help`).
     Calibrate(CalibrateArgs),
 }
@@ -64,6 +66,31 @@ struct CalibrateArgs {
     with_defects: bool,
     #[command(flatten)]
     engine: EngineArgs,
+}
+
+#[derive(Args)]
+struct CheckConfigArgs {
+    /// The configuration file (YAML).
+    file: PathBuf,
+    /// Folder of capture pipeline templates [default: `pipelines` beside the file, else /usr/share/cras/pipelines]
+    #[arg(long, value_name = "DIR")]
+    pipelines: Option<PathBuf>,
+}
+
+/// Where the capture templates are: the option, else `pipelines/` beside the config file,
+/// else the system location.
+fn pipelines_dir(explicit: Option<PathBuf>, config: &std::path::Path) -> PathBuf {
+    explicit.unwrap_or_else(|| {
+        let beside = config
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("pipelines");
+        if beside.is_dir() {
+            beside
+        } else {
+            PathBuf::from("/usr/share/cras/pipelines")
+        }
+    })
 }
 
 #[derive(Args)]
@@ -289,6 +316,30 @@ fn normalization(n: Normalization) -> ([f32; 3], [f32; 3]) {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::CheckConfig(a) => {
+            let dir = pipelines_dir(a.pipelines, &a.file);
+            let v = cras::config::Config::load(&a.file)?.validate(&a.file, &dir)?;
+            println!(
+                "{}: OK: device {}/{}, model {} ({} classes, engine {}), {} camera(s), broker {}{}",
+                a.file.display(),
+                v.config.device.site,
+                v.config.device.id,
+                v.bundle.model_id(),
+                v.bundle.meta.classes.len(),
+                v.config.model.engine.name(),
+                v.config.cameras.len(),
+                v.config.mqtt.url,
+                if v.password.is_some() {
+                    " (password set)"
+                } else {
+                    ""
+                }
+            );
+            for (cam, p) in &v.pipelines {
+                println!("  {cam}: {p}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Calibrate(a) => {
             let b = cras::calibrate::run(&cras::calibrate::CalibrateOptions {
                 model: a.model.clone(),

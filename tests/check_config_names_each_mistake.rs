@@ -1,0 +1,190 @@
+//! `cras check-config` accepts a good configuration, and for each class of mistake exits
+//! non-zero with a message naming the key and what is expected. Secrets are never printed.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+const GOOD: &str = r#"
+device: {site: plant1, id: box1}
+model:
+  bundle: MODEL
+cameras:
+  - id: cam1
+    pipeline: test-pattern
+    params: {pattern: ball}
+    class: auto
+    max_fps: 5
+  - id: cam2
+    pipeline: rtsp
+    params: {url: "rtsp://10.0.0.2/stream1"}
+    class: alpha
+mqtt:
+  url: mqtt://127.0.0.1:1883
+  client_id: cras-box1
+spool:
+  dir: SPOOL
+"#;
+
+fn bundle(dir: &Path) -> std::path::PathBuf {
+    let set = fixtures().join("lite0-d384");
+    let out = dir.join("bundle");
+    let (code, _, err) = cras(&[
+        "import-reference",
+        "--backbone",
+        &format!("efficientnet_lite0={}", lite0_weights().display()),
+        "--checkpoint",
+        set.join("ckpt_best_0.pth").to_str().unwrap(),
+        "--centers",
+        set.join("center.pth").to_str().unwrap(),
+        "--classes",
+        "alpha,beta",
+        "--no-bn-replay",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    out
+}
+
+fn check(dir: &Path, yaml: &str) -> (i32, String) {
+    let file = dir.join("config.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let pipelines = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let (code, out, err) = cras(&[
+        "check-config",
+        file.to_str().unwrap(),
+        "--pipelines",
+        pipelines.to_str().unwrap(),
+    ]);
+    (code, format!("{out}{err}"))
+}
+
+#[test]
+fn good_config_passes_and_each_mistake_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = bundle(dir.path());
+    let good = GOOD
+        .replace("MODEL", model.to_str().unwrap())
+        .replace("SPOOL", dir.path().join("spool").to_str().unwrap());
+    let (code, out) = check(dir.path(), &good);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("OK") && out.contains("2 camera(s)"), "{out}");
+    assert!(
+        out.contains("rtspsrc location=rtsp://10.0.0.2/stream1"),
+        "{out}"
+    );
+
+    let cases: Vec<(String, &[&str])> = vec![
+        (
+            good.replace(
+                "  client_id: cras-box1",
+                "  client_id: cras-box1\n  retain: true",
+            ),
+            &["retain"],
+        ),
+        (good.replace("max_fps: 5", "max_fps: fast"), &["max_fps"]),
+        (good.replace("  url: mqtt://127.0.0.1:1883\n", ""), &["url"]),
+        (
+            good.replace("id: cam2", "id: cam1"),
+            &["cameras[1].id", "cam1"],
+        ),
+        (
+            good.replace("class: alpha", "class: gamma"),
+            &["cameras[1].class", "gamma"],
+        ),
+        (
+            good.replace("pipeline: test-pattern", "pipeline: firewire"),
+            &["cameras[0].pipeline", "firewire"],
+        ),
+        (
+            good.replace("params: {url: \"rtsp://10.0.0.2/stream1\"}", "params: {}"),
+            &["cameras[1].params", "url"],
+        ),
+        (
+            good.replace(
+                "params: {pattern: ball}",
+                "params: {pattern: ball, zoom: 2}",
+            ),
+            &["cameras[0].params", "zoom"],
+        ),
+        (
+            good.replace("mqtt://127.0.0.1:1883", "http://127.0.0.1:1883"),
+            &["mqtt.url"],
+        ),
+        (
+            good.replace(model.to_str().unwrap(), "/nonexistent/bundle"),
+            &["model.bundle", "/nonexistent/bundle"],
+        ),
+        (
+            good.replace(
+                "  client_id: cras-box1",
+                "  client_id: cras-box1\n  username: u\n  password_file: /nonexistent/pw",
+            ),
+            &["mqtt.password_file"],
+        ),
+        (
+            good.replace("spool:", "http: {listen: everywhere}\nspool:"),
+            &["http.listen", "everywhere"],
+        ),
+        (
+            good.replace("site: plant1", "site: plant/1"),
+            &["device.site"],
+        ),
+        (
+            good.replace("  client_id: cras-box1", "  client_id: cras-box1\n  qos: 2"),
+            &["mqtt.qos"],
+        ),
+    ];
+    for (yaml, needles) in &cases {
+        let (code, out) = check(dir.path(), yaml);
+        assert_ne!(code, 0, "accepted a bad config:\n{yaml}");
+        for n in *needles {
+            assert!(out.contains(n), "error does not name `{n}`:\n{out}");
+        }
+    }
+}
+
+#[test]
+fn passwords_are_read_but_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = bundle(dir.path());
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "s3cret-Pa55\n").unwrap();
+    let yaml = GOOD
+        .replace("MODEL", model.to_str().unwrap())
+        .replace("SPOOL", dir.path().join("spool").to_str().unwrap())
+        .replace(
+            "  client_id: cras-box1",
+            &format!(
+                "  client_id: cras-box1\n  username: cras\n  password_file: {}",
+                pw.display()
+            ),
+        );
+    let (code, out) = check(dir.path(), &yaml);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("password set"));
+    assert!(!out.contains("s3cret"), "{out}");
+}
+
+#[test]
+fn shipped_config_is_valid_once_its_model_exists() {
+    // The shipped config.yaml points at engines/demo and /var/lib/cras/spool: check it with
+    // those two paths redirected to a real bundle and a temporary spool.
+    let dir = tempfile::tempdir().unwrap();
+    let model = bundle(dir.path());
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.yaml")).unwrap();
+    let yaml = shipped
+        .replace(
+            "bundle: engines/demo",
+            &format!("bundle: {}", model.display()),
+        )
+        .replace(
+            "dir: /var/lib/cras/spool",
+            &format!("dir: {}", dir.path().join("spool").display()),
+        );
+    let (code, out) = check(dir.path(), &yaml);
+    assert_eq!(code, 0, "{out}");
+}
