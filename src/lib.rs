@@ -2,6 +2,7 @@
 //! Anomaly Synthesis). This crate holds the model tool chain (weights, graph builder,
 //! bundles, engines, pre-processing) behind the `cras` binary.
 
+pub mod alarm;
 pub mod backbone;
 pub mod calibrate;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod model;
 pub mod onnx;
 pub mod overlay;
 pub mod pipeline_template;
+pub mod postprocess;
 pub mod preprocess;
 pub mod rng;
 pub mod setup;
