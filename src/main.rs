@@ -8,6 +8,11 @@ use cras::preprocess::{IMAGENET_MEAN, IMAGENET_STD, InputSpec};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+// Training and inference allocate many large, short-lived tensors; glibc's malloc maps
+// and unmaps each one (page faults took ~40% of training time). mimalloc reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "cras",
