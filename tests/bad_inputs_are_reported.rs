@@ -152,24 +152,10 @@ fn class_count_must_match_the_centers() {
     );
 }
 
-fn lite0_bundle(dir: &Path) -> PathBuf {
-    let set = lite0_set();
-    let out = dir.join("bundle");
-    let (code, err) = import(
-        &format!("efficientnet_lite0={}", lite0_weights().display()),
-        &set.join("ckpt_best_0.pth"),
-        &set.join("center.pth"),
-        "alpha,beta",
-        &out,
-    );
-    assert_eq!(code, 0, "{err}");
-    out
-}
-
 #[test]
 fn corrupt_image_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = lite0_bundle(dir.path());
+    let bundle = lite0_bundle(dir.path(), "bundle");
     let good = lite0_set().join("images/alpha/test/good/000.png");
     let bytes = std::fs::read(&good).unwrap();
     let corrupt = dir.path().join("corrupt.png");
@@ -221,7 +207,7 @@ fn corrupt_image_fails_alone() {
 #[test]
 fn changed_model_onnx_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = lite0_bundle(dir.path());
+    let bundle = lite0_bundle(dir.path(), "bundle");
     let onnx = bundle.join("model.onnx");
     let mut bytes = std::fs::read(&onnx).unwrap();
     let n = bytes.len();
@@ -244,7 +230,7 @@ fn changed_model_onnx_is_rejected() {
 #[test]
 fn bad_model_yaml_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = lite0_bundle(dir.path());
+    let bundle = lite0_bundle(dir.path(), "bundle");
     let yaml_path = bundle.join("model.yaml");
     let yaml = std::fs::read_to_string(&yaml_path).unwrap();
     std::fs::write(&yaml_path, yaml.replace("resize: 329", "resize: 100")).unwrap();
@@ -274,7 +260,7 @@ fn bad_model_yaml_names_the_field() {
 #[test]
 fn missing_onnxruntime_library_says_how_to_get_it() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = lite0_bundle(dir.path());
+    let bundle = lite0_bundle(dir.path(), "bundle");
     let img = lite0_set().join("images/alpha/test/good/000.png");
     let out = std::process::Command::new(cras_bin())
         .args([

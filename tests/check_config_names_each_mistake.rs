@@ -28,24 +28,7 @@ spool:
 "#;
 
 fn bundle(dir: &Path) -> std::path::PathBuf {
-    let set = fixtures().join("lite0-d384");
-    let out = dir.join("bundle");
-    let (code, _, err) = cras(&[
-        "import-reference",
-        "--backbone",
-        &format!("efficientnet_lite0={}", lite0_weights().display()),
-        "--checkpoint",
-        set.join("ckpt_best_0.pth").to_str().unwrap(),
-        "--centers",
-        set.join("center.pth").to_str().unwrap(),
-        "--classes",
-        "alpha,beta",
-        "--no-bn-replay",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    out
+    lite0_bundle(dir, "bundle")
 }
 
 fn check(dir: &Path, yaml: &str) -> (i32, String) {

@@ -141,23 +141,7 @@ fn check_stages(kind: EngineKind) {
 fn import_reference_then_infer_reproduces_scores_and_maps() {
     let set = fixtures().join("lite0-d384");
     let dir = tempfile::tempdir().unwrap();
-    let bundle = dir.path().join("line1");
-    let w = lite0_weights();
-    let (code, _, err) = cras(&[
-        "import-reference",
-        "--backbone",
-        &format!("efficientnet_lite0={}", w.display()),
-        "--checkpoint",
-        set.join("ckpt_best_0.pth").to_str().unwrap(),
-        "--centers",
-        set.join("center.pth").to_str().unwrap(),
-        "--classes",
-        "alpha,beta",
-        "--no-bn-replay",
-        "--out",
-        bundle.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "import-reference failed: {err}");
+    let bundle = lite0_bundle(dir.path(), "line1");
     let results = results(&set);
     let images: Vec<String> = results
         .iter()

@@ -84,6 +84,20 @@ pub fn map_stage(g: &mut GraphBuilder, scores: &str, height: usize, width: usize
     g.conv(&padded, k.clone(), [1, 1, 1, k.len()], None, 1, [0; 4], 1)
 }
 
+/// The graph input `image` [batch, 3, h, w], float32.
+fn image_input(g: &mut GraphBuilder, batch: Dim, h: usize, w: usize) -> String {
+    g.input(
+        "image",
+        ElemType::F32,
+        vec![
+            batch,
+            Dim::Fixed(3),
+            Dim::Fixed(h as i64),
+            Dim::Fixed(w as i64),
+        ],
+    )
+}
+
 /// The patch embedding written into a graph: backbone, then the aggregation as two
 /// grouped 3x3 convolutions with stage B resized to stage A's grid, as [N, P, D].
 pub struct Embedding {
@@ -148,16 +162,7 @@ pub fn embedding_graph(
 ) -> Result<Vec<u8>, GraphError> {
     let mut g = GraphBuilder::new();
     let n = Dim::Sym("N");
-    let x = g.input(
-        "image",
-        ElemType::F32,
-        vec![
-            n.clone(),
-            Dim::Fixed(3),
-            Dim::Fixed(h as i64),
-            Dim::Fixed(w as i64),
-        ],
-    );
+    let x = image_input(&mut g, n.clone(), h, w);
     let emb = embedding(&mut g, backbone, &x, h, w, pre_dim, d)?;
     let ((ha, wa), _) = backbone.stage_sizes(h, w);
     g.output(
@@ -205,16 +210,7 @@ impl CrasModel<'_> {
     /// choice, center search, scorer and the map stage (elementwise ops not counted).
     pub fn macs_per_image(&self) -> Result<u64, GraphError> {
         let mut g = GraphBuilder::new();
-        let x = g.input(
-            "image",
-            ElemType::F32,
-            vec![
-                Dim::Fixed(1),
-                Dim::Fixed(3),
-                Dim::Fixed(self.height as i64),
-                Dim::Fixed(self.width as i64),
-            ],
-        );
+        let x = image_input(&mut g, Dim::Fixed(1), self.height, self.width);
         let backbone = self
             .backbone
             .build(&mut g, &x, self.height, self.width, BnMode::Eval)?
@@ -252,16 +248,7 @@ impl CrasModel<'_> {
         let (h, w) = (self.height, self.width);
         let d = self.head.embed_dim;
         let c = self.centers.classes;
-        let x = g.input(
-            "image",
-            ElemType::F32,
-            vec![
-                n.clone(),
-                Dim::Fixed(3),
-                Dim::Fixed(h as i64),
-                Dim::Fixed(w as i64),
-            ],
-        );
+        let x = image_input(&mut g, n.clone(), h, w);
         let emb = embedding(&mut g, self.backbone, &x, h, w, self.pre_dim, d)?;
         let feats = emb.backbone;
         let ((ha, wa), _) = self.backbone.stage_sizes(h, w);
@@ -416,16 +403,7 @@ pub fn bn_replay_graph(
     w: usize,
 ) -> Result<BnReplayGraph, GraphError> {
     let mut g = GraphBuilder::new();
-    let x = g.input(
-        "image",
-        ElemType::F32,
-        vec![
-            Dim::Fixed(1),
-            Dim::Fixed(3),
-            Dim::Fixed(h as i64),
-            Dim::Fixed(w as i64),
-        ],
-    );
+    let x = image_input(&mut g, Dim::Fixed(1), h, w);
     let out = backbone.build(&mut g, &x, h, w, BnMode::Train)?;
     let mut layers = Vec::new();
     for st in &out.bn_stats {

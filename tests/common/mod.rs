@@ -159,3 +159,26 @@ pub fn formula_weights(set: &Path) -> (BTreeMap<String, Tensor>, BTreeMap<String
     }
     (backbone, head)
 }
+
+/// Runs `cras import-reference` on the lite0-d384 fixture (BatchNorm replay off, as the
+/// fixture was made) into `dir/<name>`; returns the bundle folder.
+pub fn lite0_bundle(dir: &Path, name: &str) -> PathBuf {
+    let set = fixtures().join("lite0-d384");
+    let out = dir.join(name);
+    let (code, _, err) = cras(&[
+        "import-reference",
+        "--backbone",
+        &format!("efficientnet_lite0={}", lite0_weights().display()),
+        "--checkpoint",
+        set.join("ckpt_best_0.pth").to_str().unwrap(),
+        "--centers",
+        set.join("center.pth").to_str().unwrap(),
+        "--classes",
+        "alpha,beta",
+        "--no-bn-replay",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "import-reference failed: {err}");
+    out
+}
