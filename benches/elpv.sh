@@ -14,10 +14,11 @@ cd "$(dirname "$0")/.."
 EPOCHS=${1:-10}
 BENCH_DIR=${BENCH_DIR:-target/bench-elpv}
 SPLIT=${ELPV_SPLIT:-../shared/benchmarks/elpv}
-CRAS=${CRAS:-target/release/cras}
 mkdir -p "$BENCH_DIR"
-
-[ -x "$CRAS" ] || cargo build --release
+if [ -z "${CRAS:-}" ]; then
+    cargo build --release --quiet
+    CRAS=target/release/cras
+fi
 "$CRAS" setup --backbone efficientnet_lite0
 
 if [ ! -d "$BENCH_DIR/elpv/data" ]; then
