@@ -188,6 +188,11 @@ struct TrainArgs {
     /// Standard deviation of the synthetic-anomaly noise (sigma).
     #[arg(long, default_value_t = 0.015)]
     noise: f64,
+    /// Noise sigma relative to the adapted features' spread (mean per-dimension std at
+    /// initialisation), instead of --noise: e.g. 0.05. The paper's absolute 0.015 is 0.4%
+    /// of EfficientNet-Lite0's feature spread, too small for the scorer to learn from.
+    #[arg(long, conflicts_with = "noise")]
+    noise_relative: Option<f64>,
     /// Shrink of the distance-guided noise scale towards 1 (k).
     #[arg(long, default_value_t = 0.3)]
     noise_k: f64,
@@ -490,6 +495,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 adaptor_lr: a.lr,
                 scorer_lr: a.scorer_lr,
                 noise_std: a.noise,
+                noise_relative: a.noise_relative,
                 noise_k: a.noise_k,
                 val_fraction: a.val_fraction,
                 seed: a.seed,

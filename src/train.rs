@@ -50,6 +50,10 @@ pub struct TrainOptions {
     pub adaptor_lr: f64,
     pub scorer_lr: f64,
     pub noise_std: f64,
+    /// When set, sigma = this x the adapted features' mean per-dimension std at
+    /// initialisation (instead of `noise_std`): the same relative perturbation whatever
+    /// the backbone's feature scale.
+    pub noise_relative: Option<f64>,
     pub noise_k: f64,
     pub val_fraction: f64,
     pub seed: u64,
@@ -512,6 +516,9 @@ struct CheckpointState {
     history: Vec<EpochRecord>,
     best_epoch: Option<usize>,
     best_auroc: Option<f64>,
+    /// The noise sigma in use (fixed at the start of the run).
+    #[serde(default)]
+    noise_sigma: Option<f64>,
 }
 
 fn sha_of_sources(paths: &[PathBuf], root: &Path) -> Result<String> {
@@ -689,6 +696,7 @@ pub fn train(
         history: Vec::new(),
         best_epoch: None,
         best_auroc: None,
+        noise_sigma: None,
     };
     let mut best: Option<BTreeMap<String, WTensor>> = None;
     let nclass = classes.len();
@@ -728,6 +736,8 @@ pub fn train(
         }
         let mut sums = vec![0f64; nclass * p * d];
         let mut counts = vec![0usize; nclass];
+        // Spread of the adapted features, to put the noise level in proportion.
+        let (mut dim_sum, mut dim_sq) = (vec![0f64; d], vec![0f64; d]);
         let all: Vec<usize> = (0..train_split.cache.count).collect();
         for chunk in all.chunks(16) {
             let f = params
@@ -744,7 +754,29 @@ pub fn train(
                     *s += *v as f64;
                 }
             }
+            for (j, v) in f.iter().enumerate() {
+                dim_sum[j % d] += *v as f64;
+                dim_sq[j % d] += (*v as f64).powi(2);
+            }
         }
+        let rows = (train_split.cache.count * p) as f64;
+        let mean_std = (0..d)
+            .map(|j| {
+                (dim_sq[j] / rows - (dim_sum[j] / rows).powi(2))
+                    .max(0.0)
+                    .sqrt()
+            })
+            .sum::<f64>()
+            / d as f64;
+        let sigma = o
+            .noise_relative
+            .map(|r| r * mean_std)
+            .unwrap_or(o.noise_std);
+        state.noise_sigma = Some(sigma);
+        tracing::info!(
+            "adapted features at initialisation: mean per-dimension std {mean_std:.4}; noise sigma {sigma:.5} is {:.1}% of it",
+            100.0 * sigma / mean_std.max(f64::MIN_POSITIVE)
+        );
         let data: Vec<f32> = sums
             .iter()
             .enumerate()
@@ -759,6 +791,7 @@ pub fn train(
         data
     };
     let bank = CenterBank::new(centers_data.clone(), nclass, p, d, &dev)?;
+    let sigma = state.noise_sigma.unwrap_or(o.noise_std);
 
     let save_checkpoint = |params: &Params,
                            adam_a: &Adam,
@@ -830,7 +863,7 @@ pub fn train(
                 .sqrt()?
                 .affine(1.0, 1e-12)?;
             let noise: Vec<f32> = (0..rows_n * d)
-                .map(|_| (rng.normal() * o.noise_std) as f32)
+                .map(|_| (rng.normal() * sigma) as f32)
                 .collect();
             let noise = Tensor::from_vec(noise, (rows_n, d), &dev)?;
             let a = noise.sqr()?.sum_keepdim(1)?.sqrt()?.div(&dist)?;
@@ -961,7 +994,13 @@ pub fn train(
         ("batch", o.batch.to_string()),
         ("adaptor_lr", o.adaptor_lr.to_string()),
         ("scorer_lr", o.scorer_lr.to_string()),
-        ("noise_std", o.noise_std.to_string()),
+        ("noise_std", sigma.to_string()),
+        (
+            "noise_relative",
+            o.noise_relative
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
         ("noise_k", o.noise_k.to_string()),
         ("val_fraction", o.val_fraction.to_string()),
         ("embed_dim", d.to_string()),
