@@ -54,20 +54,8 @@ fn random_state_dict(keys: &[(String, Vec<usize>)], rng: &mut Rng) -> StateDict 
 }
 
 fn random_head(d: usize, rng: &mut Rng) -> CrasHead {
-    let mut keys = vec![
-        ("pre_projection.layers.0fc.weight".to_string(), vec![d, d]),
-        ("pre_projection.layers.0fc.bias".to_string(), vec![d]),
-    ];
-    for (i, (out, inp)) in [(d, 2 * d), (d / 2, d)].into_iter().enumerate() {
-        let p = format!("discriminator.body.block{}", i + 1);
-        keys.push((format!("{p}.0.weight"), vec![out, inp]));
-        keys.push((format!("{p}.0.bias"), vec![out]));
-        for s in ["weight", "bias", "running_mean", "running_var"] {
-            keys.push((format!("{p}.1.{s}"), vec![out]));
-        }
-    }
-    keys.push(("discriminator.tail.0.weight".to_string(), vec![1, d / 2]));
-    CrasHead::from_state_dict(&random_state_dict(&keys, rng)).expect("random head")
+    CrasHead::from_state_dict(&random_state_dict(&CrasHead::expected_keys(d), rng))
+        .expect("random head")
 }
 
 fn peak_gflops() -> f64 {

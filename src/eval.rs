@@ -231,9 +231,58 @@ fn histogram_svg(s: &[Scored]) -> String {
     )
 }
 
-fn fmt(v: Option<f64>) -> String {
+/// A metric in percent with two decimals, or `absent` for an undefined one.
+fn pct(v: Option<f64>, absent: &str) -> String {
     v.map(|x| format!("{:.2}", 100.0 * x))
-        .unwrap_or_else(|| "&ndash;".into())
+        .unwrap_or_else(|| absent.into())
+}
+
+fn fmt(v: Option<f64>) -> String {
+    pct(v, "&ndash;")
+}
+
+impl EvalReport {
+    /// The per-class table and the mean, as plain text (what `cras eval` prints).
+    pub fn text_table(&self) -> String {
+        let row = |name: &str, v: [Option<f64>; 6]| {
+            let c = v.map(|x| pct(x, "-"));
+            format!(
+                "{name:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+                c[0], c[1], c[2], c[3], c[4], c[5]
+            )
+        };
+        let mut out = format!(
+            "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+            "class", "I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "AUPRO"
+        );
+        for m in &self.classes {
+            out += &row(
+                &m.class,
+                [
+                    m.image_auroc,
+                    m.image_ap,
+                    m.image_f1_max,
+                    m.pixel_auroc,
+                    m.pixel_ap,
+                    m.aupro,
+                ],
+            );
+        }
+        let mean = |k: &str| self.mean.get(k).copied().flatten();
+        out += &row(
+            "mean",
+            [
+                "image_auroc",
+                "image_ap",
+                "image_f1_max",
+                "pixel_auroc",
+                "pixel_ap",
+                "aupro",
+            ]
+            .map(mean),
+        );
+        out
+    }
 }
 
 fn write_overlays(

@@ -378,37 +378,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 engine: a.engine.engine,
                 engine_options: a.engine.options(a.batch.max(1)),
             })?;
-            let pct = |v: Option<f64>| {
-                v.map(|x| format!("{:.2}", 100.0 * x))
-                    .unwrap_or_else(|| "-".into())
-            };
-            println!(
-                "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-                "class", "I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "AUPRO"
-            );
-            for m in &r.classes {
-                println!(
-                    "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-                    m.class,
-                    pct(m.image_auroc),
-                    pct(m.image_ap),
-                    pct(m.image_f1_max),
-                    pct(m.pixel_auroc),
-                    pct(m.pixel_ap),
-                    pct(m.aupro)
-                );
-            }
-            let mm = |k: &str| pct(r.mean.get(k).copied().flatten());
-            println!(
-                "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-                "mean",
-                mm("image_auroc"),
-                mm("image_ap"),
-                mm("image_f1_max"),
-                mm("pixel_auroc"),
-                mm("pixel_ap"),
-                mm("aupro")
-            );
+            print!("{}", r.text_table());
             eprintln!(
                 "report written to {}",
                 a.report.join("index.html").display()

@@ -135,27 +135,16 @@ fn add_defect(img: &mut RgbImage, defect: usize, rng: &mut Rng) -> GrayImage {
     mask
 }
 
-fn save(img: &impl ImageSave, path: &Path) -> Result<()> {
+fn save<P>(img: &image::ImageBuffer<P, Vec<u8>>, path: &Path) -> Result<()>
+where
+    P: image::Pixel<Subpixel = u8> + image::PixelWithColorType,
+{
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    img.save_png(path)
+    img.save(path)
         .with_context(|| format!("cannot write {}", path.display()))
-}
-
-trait ImageSave {
-    fn save_png(&self, path: &Path) -> image::ImageResult<()>;
-}
-impl ImageSave for RgbImage {
-    fn save_png(&self, path: &Path) -> image::ImageResult<()> {
-        self.save(path)
-    }
-}
-impl ImageSave for GrayImage {
-    fn save_png(&self, path: &Path) -> image::ImageResult<()> {
-        self.save(path)
-    }
 }
 
 /// Writes the dataset; returns the class names.

@@ -458,20 +458,7 @@ mod tests {
         let backbone =
             Backbone::from_state_dict(kind, zeros(&Backbone::expected_keys(kind))).unwrap();
         let (d, p) = (1536usize, 1296usize);
-        let mut keys = vec![
-            ("pre_projection.layers.0fc.weight".to_string(), vec![d, d]),
-            ("pre_projection.layers.0fc.bias".to_string(), vec![d]),
-            ("discriminator.tail.0.weight".to_string(), vec![1, d / 2]),
-        ];
-        for (i, (o, n)) in [(d, 2 * d), (d / 2, d)].into_iter().enumerate() {
-            let b = format!("discriminator.body.block{}", i + 1);
-            keys.push((format!("{b}.0.weight"), vec![o, n]));
-            keys.push((format!("{b}.0.bias"), vec![o]));
-            for s in ["weight", "bias", "running_mean", "running_var"] {
-                keys.push((format!("{b}.1.{s}"), vec![o]));
-            }
-        }
-        let head = CrasHead::from_state_dict(&zeros(&keys)).unwrap();
+        let head = CrasHead::from_state_dict(&zeros(&CrasHead::expected_keys(d))).unwrap();
         let centers = Centers {
             classes: 2,
             patches: p,

@@ -28,6 +28,25 @@ pub struct CrasHead {
 const BN1D_EPS: f64 = 1e-5;
 
 impl CrasHead {
+    /// Every (key, shape) of the paper's head at width `d` (adaptor D -> D; scorer
+    /// 2D -> D -> D/2 -> 1), as CRAS-level state-dict names.
+    pub fn expected_keys(d: usize) -> Vec<(String, Vec<usize>)> {
+        let mut keys = vec![
+            ("pre_projection.layers.0fc.weight".to_string(), vec![d, d]),
+            ("pre_projection.layers.0fc.bias".to_string(), vec![d]),
+        ];
+        for (i, (out, inp)) in [(d, 2 * d), (d / 2, d)].into_iter().enumerate() {
+            let p = format!("discriminator.body.block{}", i + 1);
+            keys.push((format!("{p}.0.weight"), vec![out, inp]));
+            keys.push((format!("{p}.0.bias"), vec![out]));
+            for s in ["weight", "bias", "running_mean", "running_var"] {
+                keys.push((format!("{p}.1.{s}"), vec![out]));
+            }
+        }
+        keys.push(("discriminator.tail.0.weight".to_string(), vec![1, d / 2]));
+        keys
+    }
+
     /// Reads the head from CRAS-level names: `pre_projection.layers.0fc.*` and
     /// `discriminator.body.block{i}.{0,1}.*`, `discriminator.tail.0.weight`. A reference
     /// checkpoint (`ckpt_best_*.pth`: {discriminator, pre_projection}) flattens to these.
