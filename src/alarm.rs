@@ -55,10 +55,15 @@ pub struct AlarmPayload {
     pub frame: u64,
     /// Capture time, UTC, RFC 3339 with milliseconds.
     pub captured_at: String,
+    /// The class judged against (the camera's pinned class, else the detected one).
     pub class: String,
+    /// The class the model recognised.
+    pub detected_class: String,
     pub score: f32,
     pub threshold: f32,
+    /// The largest regions (at most 32), in camera-frame pixels.
     pub regions: Vec<Region>,
+    pub regions_total: usize,
     pub model_id: String,
     pub latency: StageLatencies,
 }

@@ -313,6 +313,20 @@ impl Config {
                 ));
             }
         }
+        // Every class the model can see needs an alarm threshold before the first frame.
+        for class in &bundle.meta.classes {
+            if !self.model.thresholds.contains_key(class)
+                && !bundle.meta.thresholds.contains_key(class)
+            {
+                return Err(bad(
+                    &format!("model.thresholds.{class}"),
+                    format!(
+                        "the model has no calibrated threshold for class `{class}`: run `cras calibrate --model {}` or set model.thresholds.{class}.image",
+                        self.model.bundle.display()
+                    ),
+                ));
+            }
+        }
         if self.cameras.is_empty() {
             return Err(bad("cameras", "at least one camera is needed".into()));
         }

@@ -6,6 +6,7 @@ pub mod alarm;
 pub mod backbone;
 pub mod calibrate;
 pub mod config;
+pub mod daemon;
 pub mod dataset;
 pub mod engine;
 pub mod eval;

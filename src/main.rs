@@ -41,6 +41,9 @@ enum Command {
     Eval(EvalArgs),
     /// Validate a daemon configuration file without starting anything.
     CheckConfig(CheckConfigArgs),
+    /// Run the inspection daemon: cameras in, verdicts, MQTT alarms out (see config.yaml).
+    /// SIGTERM/SIGINT stop it cleanly, SIGHUP reloads the configuration and model.
+    Run(RunArgs),
     /// Set per-class alarm thresholds in model.yaml (see docs/calibration in `cras calibrate --help`).
     Calibrate(CalibrateArgs),
 }
@@ -80,6 +83,20 @@ struct CheckConfigArgs {
     /// Folder of capture pipeline templates [default: `pipelines` beside the file, else /usr/share/cras/pipelines]
     #[arg(long, value_name = "DIR")]
     pipelines: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The configuration file (YAML; see the documented config.yaml).
+    #[arg(long, value_name = "FILE", default_value = "/etc/cras/config.yaml")]
+    config: PathBuf,
+    /// Folder of capture pipeline templates [default: `pipelines` beside the config file, else /usr/share/cras/pipelines]
+    #[arg(long, value_name = "DIR")]
+    pipelines: Option<PathBuf>,
+    /// Seconds a stop may spend delivering spooled alarms to the broker; what is left
+    /// stays in the spool for the next start.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    flush_timeout: f64,
 }
 
 /// Where the capture templates are: the option, else `pipelines/` beside the config file,
@@ -326,6 +343,15 @@ fn normalization(n: Normalization) -> ([f32; 3], [f32; 3]) {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Run(a) => {
+            let pipelines = pipelines_dir(a.pipelines, &a.config);
+            cras::daemon::run(&cras::daemon::RunOptions {
+                config: a.config,
+                pipelines,
+                flush: std::time::Duration::from_secs_f64(a.flush_timeout.max(0.0)),
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckConfig(a) => {
             let dir = pipelines_dir(a.pipelines, &a.file);
             let v = cras::config::Config::load(&a.file)?.validate(&a.file, &dir)?;
@@ -545,15 +571,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+/// Logs go to stderr. Under systemd (JOURNAL_STREAM set) journald adds the time and
+/// colours are off. The filter: CRAS_LOG, else the daemon config's `logging.level`,
+/// else `info`.
+fn init_logging(cli: &Cli) {
+    use std::io::IsTerminal;
+    let configured = match &cli.command {
+        Command::Run(a) => cras::config::Config::load(&a.config)
+            .ok()
+            .map(|c| c.logging.level),
+        _ => None,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CRAS_LOG")
+        .ok()
+        .or_else(|| {
+            configured
+                .and_then(|l| tracing_subscriber::EnvFilter::try_new(format!("{l},ort=warn")).ok())
+        })
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CRAS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
-        )
-        .init();
-    match run(Cli::parse()) {
+        .with_ansi(std::io::stderr().is_terminal() && !journald)
+        .with_env_filter(filter);
+    if journald {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("cras: error: {e:#}");

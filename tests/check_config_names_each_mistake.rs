@@ -10,6 +10,7 @@ const GOOD: &str = r#"
 device: {site: plant1, id: box1}
 model:
   bundle: MODEL
+  thresholds: {alpha: {image: 0.5}, beta: {image: 0.5, pixel: 0.6}}
 cameras:
   - id: cam1
     pipeline: test-pattern
@@ -119,6 +120,11 @@ fn good_config_passes_and_each_mistake_is_named() {
             good.replace("  client_id: cras-box1", "  client_id: cras-box1\n  qos: 2"),
             &["mqtt.qos"],
         ),
+        (
+            // The imported model is not calibrated: every class needs a threshold.
+            good.replace(", beta: {image: 0.5, pixel: 0.6}", ""),
+            &["model.thresholds.beta", "cras calibrate"],
+        ),
     ];
     for (yaml, needles) in &cases {
         let (code, out) = check(dir.path(), yaml);
@@ -167,6 +173,10 @@ fn shipped_config_is_valid_once_its_model_exists() {
         .replace(
             "dir: /var/lib/cras/spool",
             &format!("dir: {}", dir.path().join("spool").display()),
+        )
+        .replace(
+            "thresholds: {}",
+            "thresholds: {alpha: {image: 0.5}, beta: {image: 0.5}}",
         );
     let (code, out) = check(dir.path(), &yaml);
     assert_eq!(code, 0, "{out}");

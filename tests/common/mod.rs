@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod daemon;
+
 /// The fixture folder: `$CRAS_FIXTURES`, else `../shared/fixtures` beside the checkout.
 pub fn fixtures() -> PathBuf {
     let dir = std::env::var_os("CRAS_FIXTURES")

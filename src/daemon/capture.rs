@@ -1,0 +1,327 @@
+//! Capture: one thread per camera runs its GStreamer pipeline (a template from
+//! `pipelines/`, ending in `appsink name=sink`) and hands frames to inference through a
+//! small bounded queue. When inference is behind, the oldest queued frame of that camera
+//! is dropped and counted, so the freshest frame wins and memory stays flat.
+//!
+//! Bus errors and end of stream become a camera state: an error rebuilds the pipeline
+//! after a backoff (1 s doubling to 30 s, reset once frames flow again), the end of a
+//! file or folder is final (`ended`), and a pipeline that cannot be built at all is
+//! `failed`. Either way the other cameras keep running.
+//!
+//! The appsink may deliver raw `video/x-raw,format=RGB` frames or encoded images
+//! (`image/...`, from the image-folder template); encoded images are decoded here, so a
+//! corrupt file costs one frame, not the stream, and are paced to the caps' frame rate.
+
+use super::telemetry::{CameraState, CameraTelemetry, Telemetry, unix_ms};
+use crate::preprocess::{InputSpec, normalise_into, resize_and_crop};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// One camera frame on its way through the stages.
+pub struct Frame {
+    /// Index of the camera in the configuration.
+    pub camera: usize,
+    /// The camera's frame number since the daemon started.
+    pub number: u64,
+    /// Capture time (wall clock, Unix ms) and its monotonic twin for latencies.
+    pub captured_ms: i64,
+    pub captured: Instant,
+    /// Frame size, for mapping regions back to frame pixels.
+    pub width: usize,
+    pub height: usize,
+    /// The network input [3, H, W], prepared here so that cameras prepare in parallel.
+    pub tensor: Vec<f32>,
+    pub preprocess_ms: f64,
+}
+
+/// Frames a camera may have waiting for inference; more and the oldest is dropped.
+pub const QUEUE_FRAMES: usize = 2;
+
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+pub struct CameraSource {
+    pub index: usize,
+    pub pipeline: String,
+    pub max_fps: f64,
+    pub input: InputSpec,
+    pub telemetry: Arc<CameraTelemetry>,
+    pub queue: Sender<Frame>,
+    /// The receiving end too, to drop the oldest frame when the queue is full.
+    pub queue_rx: Receiver<Frame>,
+}
+
+enum Outcome {
+    Stopped,
+    Ended,
+    Failed(String),
+    Lost { reason: String, had_frames: bool },
+}
+
+/// Runs the camera until `stop` is set (or its stream ends or cannot work).
+pub fn run_camera(src: CameraSource, all: Arc<Telemetry>, stop: Arc<AtomicBool>) {
+    let cam = src.telemetry.clone();
+    let mut backoff = BACKOFF_START;
+    let mut attempt = 0u32;
+    let mut number = 0u64;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        all.set_state(&cam, CameraState::Starting);
+        match run_pipeline(&src, &all, &stop, &mut number) {
+            Outcome::Stopped => break,
+            Outcome::Ended => {
+                tracing::info!(camera = %cam.id, "stream ended");
+                all.set_state(&cam, CameraState::Ended);
+                return;
+            }
+            Outcome::Failed(reason) => {
+                tracing::error!(camera = %cam.id, "camera failed: {reason}");
+                all.set_state(&cam, CameraState::Failed { reason });
+                return;
+            }
+            Outcome::Lost { reason, had_frames } => {
+                if had_frames {
+                    backoff = BACKOFF_START;
+                    attempt = 0;
+                }
+                attempt += 1;
+                tracing::warn!(
+                    camera = %cam.id,
+                    "camera lost: {reason}; retry {attempt} in {:.0} s",
+                    backoff.as_secs_f64()
+                );
+                all.set_state(
+                    &cam,
+                    CameraState::Reconnecting {
+                        reason,
+                        attempt,
+                        retry_in_s: backoff.as_secs_f64(),
+                    },
+                );
+                let until = Instant::now() + backoff;
+                while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+    all.set_state(&cam, CameraState::Stopped);
+}
+
+/// Builds, plays and reads one pipeline until it stops, ends or breaks.
+fn run_pipeline(
+    src: &CameraSource,
+    all: &Telemetry,
+    stop: &AtomicBool,
+    number: &mut u64,
+) -> Outcome {
+    let cam = &src.telemetry;
+    let element = match gst::parse::launch(&src.pipeline) {
+        Ok(e) => e,
+        Err(e) => return Outcome::Failed(format!("pipeline does not build: {e}")),
+    };
+    let Ok(pipeline) = element.downcast::<gst::Pipeline>() else {
+        return Outcome::Failed("the description is not a pipeline".into());
+    };
+    let Some(sink) = pipeline
+        .by_name("sink")
+        .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
+    else {
+        return Outcome::Failed("the pipeline has no `appsink name=sink`".into());
+    };
+    // A short appsink queue: frames are copied out at once, and a stalled consumer
+    // must not make the source buffer without bound.
+    sink.set_max_buffers(2);
+    let Some(bus) = pipeline.bus() else {
+        return Outcome::Failed("the pipeline has no bus".into());
+    };
+    let shut = |outcome: Outcome| {
+        let _ = pipeline.set_state(gst::State::Null);
+        outcome
+    };
+    if pipeline.set_state(gst::State::Playing).is_err() {
+        let reason = bus_error(&bus).unwrap_or_else(|| "the pipeline does not start".into());
+        return shut(Outcome::Lost {
+            reason,
+            had_frames: false,
+        });
+    }
+    let min_interval = Duration::from_secs_f64(1.0 / src.max_fps);
+    let mut last_taken: Option<Instant> = None;
+    let mut had_frames = false;
+    // Pacing of encoded images (they carry no timestamps): start time and count.
+    let mut paced: Option<(Instant, u64)> = None;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return shut(Outcome::Stopped);
+        }
+        while let Some(msg) = bus.pop_filtered(&[
+            gst::MessageType::Error,
+            gst::MessageType::Eos,
+            gst::MessageType::Warning,
+        ]) {
+            match msg.view() {
+                gst::MessageView::Error(e) => {
+                    return shut(Outcome::Lost {
+                        reason: describe_error(e),
+                        had_frames,
+                    });
+                }
+                gst::MessageView::Eos(_) => return shut(Outcome::Ended),
+                gst::MessageView::Warning(w) => {
+                    tracing::warn!(camera = %cam.id, "{}", w.error());
+                }
+                _ => {}
+            }
+        }
+        let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_mseconds(100)) else {
+            continue;
+        };
+        if !had_frames {
+            had_frames = true;
+            all.set_state(cam, CameraState::Running);
+        }
+        let decoded = frame_image(&sample);
+        if let Ok((_, Some(fps))) = &decoded {
+            let (t0, n) = paced.get_or_insert((Instant::now(), 0));
+            let due = *t0 + Duration::from_secs_f64(*n as f64 / fps);
+            *n += 1;
+            while Instant::now() < due && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep((due - Instant::now()).min(Duration::from_millis(50)));
+            }
+        }
+        let captured_ms = unix_ms();
+        let captured = Instant::now();
+        *number += 1;
+        if last_taken.is_some_and(|t| captured.duration_since(t) < min_interval) {
+            continue;
+        }
+        last_taken = Some(captured);
+        let image = match decoded {
+            Ok((img, _)) => img,
+            Err(reason) => {
+                cam.frames_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(camera = %cam.id, frame = *number, "frame skipped: {reason}");
+                continue;
+            }
+        };
+        cam.frames_in.fetch_add(1, Ordering::Relaxed);
+        let t0 = Instant::now();
+        let mut tensor = Vec::new();
+        normalise_into(
+            &resize_and_crop(&image, &src.input),
+            &src.input,
+            &mut tensor,
+        );
+        let frame = Frame {
+            camera: src.index,
+            number: *number,
+            captured_ms,
+            captured,
+            width: image.width() as usize,
+            height: image.height() as usize,
+            tensor,
+            preprocess_ms: t0.elapsed().as_secs_f64() * 1e3,
+        };
+        offer(src, frame);
+    }
+}
+
+/// Queues a frame; when the queue is full the oldest frame waiting is dropped.
+fn offer(src: &CameraSource, mut frame: Frame) {
+    let cam = &src.telemetry;
+    loop {
+        match src.queue.try_send(frame) {
+            Ok(()) => break,
+            Err(TrySendError::Full(f)) => {
+                if src.queue_rx.try_recv().is_ok() {
+                    cam.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                frame = f;
+            }
+            Err(TrySendError::Disconnected(_)) => return,
+        }
+    }
+    cam.queue_depth.store(src.queue.len(), Ordering::Relaxed);
+}
+
+fn describe_error(e: &gst::message::Error) -> String {
+    let from = e
+        .src()
+        .map(|s| s.name().to_string())
+        .unwrap_or_else(|| "pipeline".into());
+    match e.debug() {
+        Some(d) => format!("{from}: {} ({d})", e.error()),
+        None => format!("{from}: {}", e.error()),
+    }
+}
+
+fn bus_error(bus: &gst::Bus) -> Option<String> {
+    let msg = bus.timed_pop_filtered(
+        gst::ClockTime::from_mseconds(200),
+        &[gst::MessageType::Error],
+    )?;
+    match msg.view() {
+        gst::MessageView::Error(e) => Some(describe_error(e)),
+        _ => None,
+    }
+}
+
+/// The RGB image of a sample, with the frame rate to pace it at for encoded images.
+fn frame_image(sample: &gst::Sample) -> Result<(image::RgbImage, Option<f64>), String> {
+    let caps = sample.caps().ok_or("sample without caps")?;
+    let s = caps.structure(0).ok_or("empty caps")?;
+    let buffer = sample.buffer().ok_or("sample without data")?;
+    let map = buffer
+        .map_readable()
+        .map_err(|_| "buffer not readable".to_string())?;
+    let data = map.as_slice();
+    if s.name() == "video/x-raw" {
+        let format = s.get::<&str>("format").unwrap_or("?");
+        if format != "RGB" {
+            return Err(format!(
+                "frames are {format}; end the pipeline in `videoconvert ! video/x-raw,format=RGB ! appsink name=sink`"
+            ));
+        }
+        let w = s.get::<i32>("width").map_err(|_| "caps without width")? as usize;
+        let h = s.get::<i32>("height").map_err(|_| "caps without height")? as usize;
+        // GStreamer pads RGB rows to 4 bytes.
+        let stride = (w * 3 + 3) & !3;
+        if data.len() < stride * (h.max(1) - 1) + w * 3 {
+            return Err(format!(
+                "frame of {} bytes is short for {w}x{h} RGB",
+                data.len()
+            ));
+        }
+        let mut rgb = Vec::with_capacity(w * h * 3);
+        for y in 0..h {
+            rgb.extend_from_slice(&data[y * stride..y * stride + w * 3]);
+        }
+        let img =
+            image::RgbImage::from_raw(w as u32, h as u32, rgb).ok_or("frame size mismatch")?;
+        Ok((img, None))
+    } else if s.name().starts_with("image/") {
+        let fps = s
+            .get::<gst::Fraction>("framerate")
+            .ok()
+            .filter(|f| f.numer() > 0 && f.denom() > 0)
+            .map(|f| f.numer() as f64 / f.denom() as f64);
+        let img = image::load_from_memory(data)
+            .map_err(|e| format!("cannot decode image: {e}"))?
+            .to_rgb8();
+        Ok((img, fps))
+    } else {
+        Err(format!(
+            "appsink delivers `{}`; use video/x-raw,format=RGB or encoded images",
+            s.name()
+        ))
+    }
+}

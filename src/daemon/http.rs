@@ -1,0 +1,88 @@
+//! The integrator's HTTP endpoints: `/metrics` (Prometheus text) and `/healthz` (200
+//! only when every camera is running and a model is loaded; the body says why not).
+
+use super::telemetry::Telemetry;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub struct HttpServer {
+    pub addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    pub fn start(listen: &str, telemetry: Arc<Telemetry>) -> Result<HttpServer, String> {
+        let server = tiny_http::Server::http(listen)
+            .map_err(|e| format!("http.listen {listen}: cannot listen: {e}"))?;
+        let addr = server
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| format!("http.listen {listen}: not an IP address"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("http".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    match server.recv_timeout(Duration::from_millis(200)) {
+                        Ok(Some(req)) => respond(req, &telemetry),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!("http: {e}");
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(HttpServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn respond(req: tiny_http::Request, telemetry: &Telemetry) {
+    let path = req.url().split('?').next().unwrap_or("").to_string();
+    let text = |body: String, code: u16, kind: &str| {
+        let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], kind.as_bytes())
+            .expect("static header");
+        tiny_http::Response::from_string(body)
+            .with_status_code(code)
+            .with_header(header)
+    };
+    let resp = match (req.method(), path.as_str()) {
+        (tiny_http::Method::Get, "/metrics") => text(
+            telemetry.prometheus(),
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
+        (tiny_http::Method::Get, "/healthz") => {
+            let why = telemetry.unhealthy_reasons();
+            if why.is_empty() {
+                text("ok\n".into(), 200, "text/plain; charset=utf-8")
+            } else {
+                text(why.join("\n") + "\n", 503, "text/plain; charset=utf-8")
+            }
+        }
+        _ => text(
+            "not found; try /metrics or /healthz\n".into(),
+            404,
+            "text/plain; charset=utf-8",
+        ),
+    };
+    let _ = req.respond(resp);
+}

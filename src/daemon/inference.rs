@@ -1,0 +1,186 @@
+//! Inference: one thread takes frames from every camera's queue, batches them (up to
+//! `max_batch` frames, or whatever arrived within `max_wait` of the first), runs the
+//! engine and passes each frame's outputs on. Cameras are served round-robin so a busy
+//! camera cannot starve a quiet one.
+
+use super::capture::Frame;
+use super::telemetry::{CameraTelemetry, Telemetry};
+use crate::engine::{CrasOutputs, Engine};
+use crate::preprocess::InputSpec;
+use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// One frame's model outputs.
+pub struct Inferred {
+    pub camera: usize,
+    pub number: u64,
+    pub captured_ms: i64,
+    pub captured: Instant,
+    pub width: usize,
+    pub height: usize,
+    pub score: f32,
+    pub class_id: i64,
+    pub map: Vec<f32>,
+    pub map_hw: (usize, usize),
+    pub queue_ms: f64,
+    pub preprocess_ms: f64,
+    pub inference_ms: f64,
+}
+
+pub struct InferenceStage {
+    pub engine: Box<dyn Engine>,
+    pub input: InputSpec,
+    pub queues: Vec<Receiver<Frame>>,
+    pub cameras: Vec<Arc<CameraTelemetry>>,
+    pub out: Sender<Inferred>,
+    pub max_batch: usize,
+    pub max_wait: Duration,
+    pub telemetry: Arc<Telemetry>,
+    /// Set when the daemon stops: end once every camera queue is closed and empty.
+    /// (Cameras whose stream ended close their queue too; without a stop this stage
+    /// keeps idling, so the watchdog still sees it alive.)
+    pub stopping: Arc<AtomicBool>,
+}
+
+impl InferenceStage {
+    /// Runs until every camera queue is closed and empty.
+    pub fn run(mut self) {
+        let mut open = vec![true; self.queues.len()];
+        let mut next_camera = 0;
+        loop {
+            self.telemetry.beat(0);
+            if !open.iter().any(|o| *o) {
+                if self.stopping.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+                continue;
+            }
+            let Some(first) = self.wait_first(&mut open, Duration::from_millis(250)) else {
+                continue;
+            };
+            let mut batch = vec![first];
+            let deadline = Instant::now() + self.max_wait;
+            while batch.len() < self.max_batch {
+                // Round-robin over the cameras, starting after the last one served.
+                let n = self.queues.len();
+                let mut got = false;
+                for k in 0..n {
+                    let i = (next_camera + k) % n;
+                    if batch.len() >= self.max_batch {
+                        break;
+                    }
+                    if let Ok(f) = self.queues[i].try_recv() {
+                        batch.push(f);
+                        got = true;
+                    }
+                }
+                next_camera = (next_camera + 1) % n;
+                if got {
+                    continue;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                match self.wait_first(&mut open, deadline - now) {
+                    Some(f) => batch.push(f),
+                    None => break,
+                }
+            }
+            for (q, c) in self.queues.iter().zip(&self.cameras) {
+                c.queue_depth.store(q.len(), Ordering::Relaxed);
+            }
+            if !self.run_batch(batch) {
+                break;
+            }
+        }
+    }
+
+    /// The first frame to arrive on any open queue within `timeout`.
+    fn wait_first(&self, open: &mut [bool], timeout: Duration) -> Option<Frame> {
+        let live: Vec<usize> = (0..self.queues.len()).filter(|i| open[*i]).collect();
+        if live.is_empty() {
+            return None;
+        }
+        let mut sel = Select::new();
+        for i in &live {
+            sel.recv(&self.queues[*i]);
+        }
+        let op = sel.select_timeout(timeout).ok()?;
+        let i = live[op.index()];
+        match op.recv(&self.queues[i]) {
+            Ok(f) => Some(f),
+            Err(_) => {
+                // Its camera thread ended; drain nothing more from it.
+                if matches!(self.queues[i].try_recv(), Err(TryRecvError::Disconnected)) {
+                    open[i] = false;
+                }
+                None
+            }
+        }
+    }
+
+    /// Runs one batch; false when the next stage is gone.
+    fn run_batch(&mut self, batch: Vec<Frame>) -> bool {
+        let spec = &self.input;
+        let n = batch.len();
+        let run_n = self.engine.fixed_batch().unwrap_or(n).max(n);
+        let per = 3 * spec.height * spec.width;
+        let mut input = Vec::with_capacity(run_n * per);
+        let started = Instant::now();
+        for f in &batch {
+            input.extend_from_slice(&f.tensor);
+        }
+        input.resize(run_n * per, 0.0);
+        let t0 = Instant::now();
+        let outs = self
+            .engine
+            .run(&input, [run_n, 3, spec.height, spec.width])
+            .and_then(CrasOutputs::from_named);
+        let inference_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let outs = match outs {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!("inference failed for a batch of {n}: {e}");
+                for f in &batch {
+                    self.cameras[f.camera]
+                        .frames_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                return true;
+            }
+        };
+        for (i, f) in batch.into_iter().enumerate() {
+            let queue_ms =
+                (started.duration_since(f.captured).as_secs_f64() * 1e3 - f.preprocess_ms).max(0.0);
+            self.telemetry.observe(0, queue_ms);
+            self.telemetry.observe(1, f.preprocess_ms);
+            self.telemetry.observe(2, inference_ms);
+            let r = Inferred {
+                camera: f.camera,
+                number: f.number,
+                captured_ms: f.captured_ms,
+                captured: f.captured,
+                width: f.width,
+                height: f.height,
+                score: outs.image_scores[i],
+                class_id: outs.class_ids[i],
+                map: outs.map(i).to_vec(),
+                map_hw: outs.map_hw,
+                queue_ms,
+                preprocess_ms: f.preprocess_ms,
+                inference_ms,
+            };
+            if self.out.send(r).is_err() {
+                return false;
+            }
+        }
+        self.telemetry
+            .infer_queue_depth
+            .store(self.out.len(), Ordering::Relaxed);
+        true
+    }
+}

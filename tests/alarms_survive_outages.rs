@@ -1,0 +1,169 @@
+//! Nothing accepted is lost: alarms wait in the spool while the broker is away and go
+//! out in order, once each, when it is back; after `kill -9` the restarted daemon sends
+//! what was not acknowledged, in order, and a duplicate (an acknowledgement lost in the
+//! crash) carries the same sequence number and content.
+
+mod common;
+
+use common::daemon::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// Alarms' sequence numbers and payloads, in arrival order.
+fn arrivals(sub: &Subscriber) -> Vec<(u64, String)> {
+    sub.on("/alarm")
+        .iter()
+        .map(|m| (m.json()["sequence"].as_u64().unwrap(), m.payload.clone()))
+        .collect()
+}
+
+/// Every sequence number the spool ever gave out (its counter file).
+fn issued(spool: &Path) -> u64 {
+    std::fs::read_to_string(spool.join("next-sequence"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn left_in_spool(spool: &Path) -> usize {
+    std::fs::read_dir(spool)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".alarm")
+        })
+        .count()
+}
+
+fn setup(dir: &Path) -> (Line, Broker, Subscriber, u16, std::path::PathBuf) {
+    let line = line(dir);
+    let broker = Broker::start(&dir.join("broker"));
+    let sub = Subscriber::start(broker.port, "cras/#");
+    let http = free_port();
+    let cfg = write_config(
+        dir,
+        &line,
+        &broker.url(),
+        http,
+        &[("cam1", "image-sequence", &folder_params(&line, 6, true))],
+        "",
+    );
+    (line, broker, sub, http, cfg)
+}
+
+fn metrics(http: u16) -> String {
+    http_get(http, "/metrics").map(|x| x.1).unwrap_or_default()
+}
+
+#[test]
+fn broker_outage_loses_nothing_and_keeps_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let (_line, mut broker, sub, http, cfg) = setup(dir);
+    let mut d = Daemon::start(&cfg, &dir.join("cras.log"), &[]);
+    wait_for(90.0, "first alarms", || arrivals(&sub).len() >= 3);
+
+    broker.stop();
+    // Defects keep coming while the broker is away: they wait in the spool.
+    wait_for(30.0, "alarms to pile up in the spool", || {
+        let m = metrics(http);
+        metric(&m, "cras_broker_connected") == Some(0.0)
+            && metric(&m, "cras_alarms_spooled").is_some_and(|n| n >= 4.0)
+    });
+    let during = arrivals(&sub).len();
+    assert!(
+        d.log_text().contains("alarms wait in the spool"),
+        "{}",
+        d.log_text()
+    );
+    broker.restart();
+    wait_for(60.0, "the spool to drain", || {
+        let m = metrics(http);
+        metric(&m, "cras_broker_connected") == Some(1.0)
+            && metric(&m, "cras_alarms_spooled") == Some(0.0)
+            && arrivals(&sub).len() > during + 3
+    });
+    let (code, _) = d.stop_with("TERM", 30.0);
+    assert_eq!(code, Some(0), "{}", d.log_text());
+
+    let spool = dir.join("spool");
+    let n = issued(&spool);
+    assert_eq!(
+        left_in_spool(&spool),
+        0,
+        "a clean stop with a broker flushes the spool"
+    );
+    wait_for(20.0, "every alarm at the subscriber", || {
+        arrivals(&sub).len() as u64 >= n
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let seqs: Vec<u64> = arrivals(&sub).iter().map(|a| a.0).collect();
+    assert_eq!(
+        seqs,
+        (0..n).collect::<Vec<_>>(),
+        "every alarm, once, in order"
+    );
+}
+
+#[test]
+fn kill_9_loses_nothing_and_duplicates_only_keep_their_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let (_line, _broker, sub, http, cfg) = setup(dir);
+    let log = dir.join("cras.log");
+    let mut d = Daemon::start(&cfg, &log, &[]);
+    wait_for(90.0, "first alarms", || arrivals(&sub).len() >= 3);
+    d.kill9();
+    let before = arrivals(&sub).len();
+    // The broker publishes the last will.
+    wait_for(30.0, "the last will", || {
+        sub.on("/box1/status")
+            .last()
+            .is_some_and(|m| m.payload == "offline")
+    });
+    let mut d = Daemon::start(&cfg, &log, &[]);
+    wait_for(90.0, "alarms after the restart", || {
+        arrivals(&sub).len() >= before + 3
+    });
+    let (code, _) = d.stop_with("TERM", 30.0);
+    assert_eq!(code, Some(0), "{}", d.log_text());
+    let spool = dir.join("spool");
+    let n = issued(&spool);
+    assert_eq!(left_in_spool(&spool), 0);
+    let unique = |a: &[(u64, String)]| {
+        a.iter()
+            .map(|x| x.0)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as u64
+    };
+    wait_for(20.0, "every alarm at the subscriber", || {
+        unique(&arrivals(&sub)) >= n
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let got = arrivals(&sub);
+    let mut first: BTreeMap<u64, &String> = BTreeMap::new();
+    let mut order = Vec::new();
+    for (i, (seq, payload)) in got.iter().enumerate() {
+        match first.get(seq) {
+            None => {
+                first.insert(*seq, payload);
+                order.push(*seq);
+            }
+            Some(p) => {
+                assert!(i >= before, "duplicate of {seq} before the crash");
+                assert_eq!(*p, payload, "a duplicate must be the same alarm");
+            }
+        }
+    }
+    assert_eq!(
+        order,
+        (0..n).collect::<Vec<_>>(),
+        "every alarm, in order of first arrival"
+    );
+    let _ = http;
+}

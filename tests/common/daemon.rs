@@ -1,0 +1,435 @@
+//! Real parts for the daemon tests: a mosquitto broker on a loopback port (with
+//! persistence, so queued messages survive its restart), a mosquitto_sub subscriber with
+//! a persistent session, the `cras run` process, and a small inspection line (numbered
+//! frames from `cras synth`, the Lite0 fixture model, thresholds placed between the
+//! scores `cras infer` gives the good and the defective frames).
+
+use super::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn require(tool: &str) {
+    let ok = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "`{tool}` is not installed; .ci/run installs it (apt-get install mosquitto mosquitto-clients)"
+    );
+}
+
+/// Waits until `f` holds, or panics with `what` after `secs`.
+pub fn wait_for(secs: f64, what: &str, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    while Instant::now() < until {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {secs} s waiting for {what}");
+}
+
+pub struct Broker {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Broker {
+    pub fn start(dir: &Path) -> Broker {
+        require("mosquitto");
+        std::fs::create_dir_all(dir).unwrap();
+        let mut b = Broker {
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        b.restart();
+        b
+    }
+
+    /// (Re)starts the broker on the same port with the same persistence file.
+    pub fn restart(&mut self) {
+        let conf = self.dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
+                self.port,
+                self.dir.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("mosquitto.log"))
+            .unwrap();
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.port;
+        wait_for(10.0, "mosquitto to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// Stops the broker (SIGTERM: it saves its queued messages).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "TERM");
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// One message as mosquitto_sub printed it (`-v`: topic, space, payload).
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: String,
+}
+
+impl Message {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.payload)
+            .unwrap_or_else(|e| panic!("not JSON on {}: {e}: {}", self.topic, self.payload))
+    }
+}
+
+/// mosquitto_sub with a persistent QoS 1 session: it reconnects by itself, and the
+/// broker keeps its messages while it is away.
+pub struct Subscriber {
+    child: Child,
+    pub messages: Arc<Mutex<Vec<Message>>>,
+}
+
+impl Subscriber {
+    pub fn start(port: u16, topic: &str) -> Subscriber {
+        require("mosquitto_sub");
+        let mut child = std::process::Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic])
+            .args(["-q", "1", "-c", "-i", &format!("test-sub-{port}"), "-v"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let sink = messages.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some((topic, payload)) = line.split_once(' ') {
+                    sink.lock().unwrap().push(Message {
+                        topic: topic.to_string(),
+                        payload: payload.to_string(),
+                    });
+                }
+            }
+        });
+        // Let the subscription reach the broker before anything is published.
+        std::thread::sleep(Duration::from_millis(500));
+        Subscriber { child, messages }
+    }
+
+    pub fn on(&self, suffix: &str) -> Vec<Message> {
+        self.messages
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.topic.ends_with(suffix))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `cras run`; its stderr goes to `log`.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(config: &Path, log: &Path, env: &[(&str, &str)]) -> Daemon {
+        let pipelines = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut cmd = std::process::Command::new(cras_bin());
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .arg("--pipelines")
+            .arg(&pipelines)
+            .env("CRAS_LOG", "info,ort=warn")
+            .stdout(Stdio::null())
+            .stderr(err);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Daemon {
+            child: Some(cmd.spawn().unwrap()),
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `sig` and waits up to `secs` for the exit; returns the exit code and the
+    /// time it took.
+    pub fn stop_with(&mut self, sig: &str, secs: f64) -> (Option<i32>, Duration) {
+        let mut c = self.child.take().unwrap();
+        let t0 = Instant::now();
+        signal(c.id(), sig);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return (status.code(), t0.elapsed());
+            }
+            if t0.elapsed().as_secs_f64() > secs {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "cras run did not exit within {secs} s of SIGTERM; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        signal(c.id(), "KILL");
+        let _ = c.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// GET on the daemon's HTTP endpoint: (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
+    Some((status, body))
+}
+
+/// The value of an unlabelled or labelled sample in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A small inspection line: numbered frames (good and defective interleaved), the model,
+/// and the image threshold that separates them.
+pub struct Line {
+    pub frames: PathBuf,
+    pub model: PathBuf,
+    /// Per frame file (in playing order): is its score at or above the threshold?
+    pub defective: Vec<bool>,
+    pub threshold: f32,
+    pub pixel_threshold: f32,
+}
+
+/// Builds the line in `dir`: `cras synth` frames, the Lite0 fixture model, and a
+/// threshold in the widest gap of the scores `cras infer` gives (so that the expected
+/// verdict of every frame is known from an independent path).
+pub fn line(dir: &Path) -> Line {
+    let syn = dir.join("syn");
+    let (code, _, err) = cras(&[
+        "synth",
+        "--out",
+        syn.to_str().unwrap(),
+        "--classes",
+        "1",
+        "--train",
+        "1",
+        "--test-good",
+        "4",
+        "--test-defect",
+        "2",
+        "--size",
+        "128",
+        "--seed",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let model = lite0_bundle(dir, "model");
+    let t = syn.join("stripes/test");
+    let order = [
+        "good/000",
+        "missing/000",
+        "good/001",
+        "scratch/000",
+        "good/002",
+        "spot/001",
+        "good/003",
+        "missing/001",
+    ];
+    let frames = dir.join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    let mut files = Vec::new();
+    for (i, name) in order.iter().enumerate() {
+        let dst = frames.join(format!("{i:05}.png"));
+        std::fs::copy(t.join(format!("{name}.png")), &dst).unwrap();
+        files.push(dst);
+    }
+    let mut args = vec![
+        "infer".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+        "--out".into(),
+        dir.join("infer").display().to_string(),
+    ];
+    args.extend(files.iter().map(|f| f.display().to_string()));
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let (code, out, err) = cras(&args);
+    assert_eq!(code, 0, "{err}");
+    let scores: Vec<f32> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["score"]
+                .as_f64()
+                .unwrap() as f32
+        })
+        .collect();
+    assert_eq!(scores.len(), files.len());
+    let mut sorted = scores.clone();
+    sorted.sort_by(f32::total_cmp);
+    // The widest gap leaving at least two frames on each side.
+    let (gap, i) = (2..sorted.len() - 1)
+        .map(|i| (sorted[i] - sorted[i - 1], i))
+        .fold((0.0f32, 0), |a, b| if b.0 > a.0 { b } else { a });
+    assert!(
+        gap > 1e-3,
+        "scores too close to place a threshold: {sorted:?}"
+    );
+    let threshold = (sorted[i] + sorted[i - 1]) / 2.0;
+    // The pixel threshold: just above the highest map value of the frames below it, so
+    // only frames judged anomalous show regions.
+    let mut pixel = f32::MIN;
+    for (f, s) in files.iter().zip(&scores) {
+        if *s < threshold {
+            let stem = f.file_stem().unwrap().to_str().unwrap();
+            let map = f32s(&dir.join("infer").join(format!("{stem}.map.npy")));
+            pixel = pixel.max(map.iter().copied().fold(f32::MIN, f32::max));
+        }
+    }
+    Line {
+        frames,
+        model,
+        defective: scores.iter().map(|s| *s >= threshold).collect(),
+        threshold,
+        pixel_threshold: pixel + 1e-4,
+    }
+}
+
+/// A config.yaml for `line` with one folder camera per entry of `cameras`
+/// (`(id, pipeline, params)`), written to `dir/config.yaml`.
+pub fn write_config(
+    dir: &Path,
+    line: &Line,
+    broker_url: &str,
+    http_port: u16,
+    cameras: &[(&str, &str, &str)],
+    extra_mqtt: &str,
+) -> PathBuf {
+    let mut cams = String::new();
+    for (id, pipeline, params) in cameras {
+        cams.push_str(&format!(
+            "  - id: {id}\n    pipeline: {pipeline}\n    params: {params}\n    max_fps: 30\n"
+        ));
+    }
+    let yaml = format!(
+        "device: {{site: plant1, id: box1}}\n\
+         model:\n  bundle: {model}\n  threads: 1\n  thresholds: {{alpha: {{image: {t}, pixel: {p}}}, beta: {{image: {t}, pixel: {p}}}}}\n\
+         cameras:\n{cams}\
+         batching: {{max_batch: 2, max_wait_ms: 10}}\n\
+         mqtt:\n  url: {broker_url}\n  client_id: cras-test\n  health_interval_s: 1\n{extra_mqtt}\
+         spool:\n  dir: {spool}\n\
+         http: {{listen: \"127.0.0.1:{http_port}\"}}\n",
+        model = line.model.display(),
+        t = line.threshold,
+        p = line.pixel_threshold,
+        spool = dir.join("spool").display(),
+    );
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// The folder camera's params for `line`.
+pub fn folder_params(line: &Line, fps: u32, looping: bool) -> String {
+    format!(
+        "{{location: \"{}/%05d.png\", fps: {fps}, loop: {looping}}}",
+        line.frames.display()
+    )
+}
