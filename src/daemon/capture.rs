@@ -189,8 +189,7 @@ fn run_pipeline(
             had_frames = true;
             all.set_state(cam, CameraState::Running);
         }
-        let decoded = frame_image(&sample);
-        if let Ok((_, Some(fps))) = &decoded {
+        if let Some(fps) = encoded_fps(&sample) {
             let (t0, n) = paced.get_or_insert((Instant::now(), 0));
             let due = *t0 + Duration::from_secs_f64(*n as f64 / fps);
             *n += 1;
@@ -205,8 +204,8 @@ fn run_pipeline(
             continue;
         }
         last_taken = Some(captured);
-        let image = match decoded {
-            Ok((img, _)) => img,
+        let image = match frame_image(&sample) {
+            Ok(img) => img,
             Err(reason) => {
                 cam.frames_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(camera = %cam.id, frame = *number, "frame skipped: {reason}");
@@ -275,8 +274,20 @@ fn bus_error(bus: &gst::Bus) -> Option<String> {
     }
 }
 
-/// The RGB image of a sample, with the frame rate to pace it at for encoded images.
-fn frame_image(sample: &gst::Sample) -> Result<(image::RgbImage, Option<f64>), String> {
+/// The frame rate to pace encoded images at (they carry no timestamps).
+fn encoded_fps(sample: &gst::Sample) -> Option<f64> {
+    let s = sample.caps()?.structure(0)?;
+    if !s.name().starts_with("image/") {
+        return None;
+    }
+    s.get::<gst::Fraction>("framerate")
+        .ok()
+        .filter(|f| f.numer() > 0 && f.denom() > 0)
+        .map(|f| f.numer() as f64 / f.denom() as f64)
+}
+
+/// The RGB image of a sample.
+fn frame_image(sample: &gst::Sample) -> Result<image::RgbImage, String> {
     let caps = sample.caps().ok_or("sample without caps")?;
     let s = caps.structure(0).ok_or("empty caps")?;
     let buffer = sample.buffer().ok_or("sample without data")?;
@@ -305,19 +316,12 @@ fn frame_image(sample: &gst::Sample) -> Result<(image::RgbImage, Option<f64>), S
         for y in 0..h {
             rgb.extend_from_slice(&data[y * stride..y * stride + w * 3]);
         }
-        let img =
-            image::RgbImage::from_raw(w as u32, h as u32, rgb).ok_or("frame size mismatch")?;
-        Ok((img, None))
+        image::RgbImage::from_raw(w as u32, h as u32, rgb)
+            .ok_or_else(|| "frame size mismatch".to_string())
     } else if s.name().starts_with("image/") {
-        let fps = s
-            .get::<gst::Fraction>("framerate")
-            .ok()
-            .filter(|f| f.numer() > 0 && f.denom() > 0)
-            .map(|f| f.numer() as f64 / f.denom() as f64);
-        let img = image::load_from_memory(data)
+        Ok(image::load_from_memory(data)
             .map_err(|e| format!("cannot decode image: {e}"))?
-            .to_rgb8();
-        Ok((img, fps))
+            .to_rgb8())
     } else {
         Err(format!(
             "appsink delivers `{}`; use video/x-raw,format=RGB or encoded images",

@@ -197,8 +197,15 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Starts `cras run`; the templates are `pipelines/` beside the config when the test
+    /// made one, else the shipped ones.
     pub fn start(config: &Path, log: &Path, env: &[(&str, &str)]) -> Daemon {
-        let pipelines = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        let beside = config.parent().unwrap().join("pipelines");
+        let pipelines = if beside.is_dir() {
+            beside
+        } else {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines")
+        };
         let err = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -260,6 +267,13 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- cras run log ({}):\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

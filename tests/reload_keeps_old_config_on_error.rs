@@ -1,0 +1,122 @@
+//! SIGHUP reloads configuration and model atomically: a broken new configuration (bad
+//! key, missing model) is rejected with the reason logged and published, the old one
+//! keeps running; a good one is applied (new thresholds on the next alarms). sd_notify
+//! sees RELOADING=1 and READY=1 again.
+
+mod common;
+
+use common::daemon::*;
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[test]
+fn bad_reloads_are_rejected_and_good_ones_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let line = line(dir);
+    let broker = Broker::start(&dir.join("broker"));
+    let sub = Subscriber::start(broker.port, "cras/#");
+    let http = free_port();
+    let params = folder_params(&line, 6, true);
+    let cfg = write_config(
+        dir,
+        &line,
+        &broker.url(),
+        http,
+        &[("cam1", "image-sequence", &params)],
+        "",
+    );
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let notes = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = notes.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Ok(n) = sock.recv(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    });
+    let mut d = Daemon::start(
+        &cfg,
+        &dir.join("cras.log"),
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    let processed = || {
+        http_get(http, "/metrics")
+            .and_then(|(_, m)| metric(&m, "cras_frames_processed_total{camera=\"cam1\"}"))
+            .unwrap_or(0.0)
+    };
+    wait_for(90.0, "frames flowing", || processed() >= 3.0);
+    // A looping folder camera is running and the model is loaded: healthy.
+    let (code, body) = http_get(http, "/healthz").unwrap();
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+
+    let bad_cases = [
+        (
+            good.replace(
+                "  health_interval_s: 1\n",
+                "  health_interval_s: 1\n  retain: yes\n",
+            ),
+            "retain",
+        ),
+        (
+            good.replace(line.model.to_str().unwrap(), "/nonexistent/model"),
+            "model.bundle",
+        ),
+    ];
+    for (i, (yaml, needle)) in bad_cases.iter().enumerate() {
+        std::fs::write(&cfg, yaml).unwrap();
+        signal(d.pid(), "HUP");
+        wait_for(20.0, "the reload to be rejected", || {
+            http_get(http, "/metrics").and_then(|(_, m)| metric(&m, "cras_reloads_failed_total"))
+                == Some(i as f64 + 1.0)
+        });
+        let log = d.log_text();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("reload rejected") && l.contains(needle)),
+            "{log}"
+        );
+        // The reason is published in the health message too.
+        wait_for(10.0, "the reason on MQTT", || {
+            sub.on("/box1/health").last().is_some_and(|m| {
+                m.json()["last_reload_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains(needle))
+            })
+        });
+        // And the old configuration keeps judging frames.
+        let before = processed();
+        wait_for(30.0, "frames still flowing", || processed() >= before + 3.0);
+    }
+
+    // A good new configuration: every frame alarms now (threshold 0).
+    let zero = good.replace(
+        &format!("alpha: {{image: {}", line.threshold),
+        "alpha: {image: 0.0",
+    );
+    assert_ne!(zero, good);
+    std::fs::write(&cfg, &zero).unwrap();
+    signal(d.pid(), "HUP");
+    wait_for(30.0, "the reload to apply", || {
+        http_get(http, "/metrics").and_then(|(_, m)| metric(&m, "cras_reloads_total")) == Some(1.0)
+    });
+    wait_for(30.0, "alarms under the new threshold", || {
+        sub.on("/cam1/alarm")
+            .iter()
+            .any(|m| m.json()["threshold"].as_f64() == Some(0.0))
+    });
+    let (code, _) = d.stop_with("TERM", 30.0);
+    assert_eq!(code, Some(0), "{}", d.log_text());
+    let notes = notes.lock().unwrap().join("\n");
+    assert!(notes.contains("RELOADING=1"), "{notes}");
+    assert!(notes.matches("READY=1").count() >= 4, "{notes}");
+}
