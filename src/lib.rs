@@ -8,6 +8,7 @@ pub mod calibrate;
 pub mod config;
 pub mod daemon;
 pub mod dataset;
+pub mod demo;
 pub mod engine;
 pub mod eval;
 pub mod features;

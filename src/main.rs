@@ -44,6 +44,9 @@ enum Command {
     /// Run the inspection daemon: cameras in, verdicts, MQTT alarms out (see config.yaml).
     /// SIGTERM/SIGINT stop it cleanly, SIGHUP reloads the configuration and model.
     Run(RunArgs),
+    /// The daemon on a synthetic line, from nothing: installs the run-time assets, trains
+    /// and calibrates a small model on `cras synth` images, writes a config and runs it.
+    Demo(DemoArgs),
     /// Set per-class alarm thresholds in model.yaml (see docs/calibration in `cras calibrate --help`).
     Calibrate(CalibrateArgs),
 }
@@ -97,6 +100,28 @@ struct RunArgs {
     /// stays in the spool for the next start.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     flush_timeout: f64,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Folder for the demo's data, model, spool and config (kept; a rerun starts at once)
+    #[arg(long, value_name = "DIR", default_value = "cras-demo")]
+    dir: PathBuf,
+    /// MQTT broker to publish to (the demo runs without one; alarms wait in the spool)
+    #[arg(long, value_name = "URL", default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// Address of /metrics and /healthz
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    http: String,
+    /// Training epochs for the demo model
+    #[arg(long, default_value_t = 12)]
+    epochs: usize,
+    /// Frames per second the demo camera plays
+    #[arg(long, default_value_t = 2)]
+    fps: u32,
+    /// Prepare everything and validate the config, but do not start the daemon
+    #[arg(long)]
+    prepare_only: bool,
 }
 
 /// Where the capture templates are: the option, else `pipelines/` beside the config file,
@@ -349,6 +374,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 config: a.config,
                 pipelines,
                 flush: std::time::Duration::from_secs_f64(a.flush_timeout.max(0.0)),
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(a) => {
+            let opts = cras::demo::DemoOptions {
+                dir: a.dir,
+                broker: a.broker,
+                http: a.http,
+                epochs: a.epochs.max(1),
+                fps: a.fps.max(1),
+            };
+            let config = cras::demo::prepare(&opts)?;
+            let pipelines = pipelines_dir(None, &config);
+            let v = cras::config::Config::load(&config)?.validate(&config, &pipelines)?;
+            eprintln!(
+                "cras demo: config OK: model {} ({})",
+                v.bundle.model_id(),
+                v.bundle.meta.classes.join(", ")
+            );
+            if a.prepare_only {
+                println!("{}", config.display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!("{}", cras::demo::guide(&opts, &config));
+            cras::daemon::run(&cras::daemon::RunOptions {
+                config,
+                pipelines,
+                flush: std::time::Duration::from_secs(5),
             })?;
             Ok(ExitCode::SUCCESS)
         }

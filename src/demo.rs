@@ -1,0 +1,188 @@
+//! `cras demo`: the daemon on a synthetic line, from nothing. Installs the run-time
+//! assets (`cras setup`), writes a synthetic dataset (`cras synth`), trains and
+//! calibrates a small model on it, lays its test images out as a camera folder (good and
+//! defective parts in turn, looping), writes a config.yaml pointing at all of it, and
+//! runs `cras run` in the foreground. Every step is skipped when its output exists, so
+//! a second start is immediate. Works without a broker: alarms wait in the spool.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct DemoOptions {
+    pub dir: PathBuf,
+    pub broker: String,
+    pub http: String,
+    pub epochs: usize,
+    pub fps: u32,
+}
+
+/// The shipped capture templates, so the demo folder is self-contained.
+pub const TEMPLATES: [(&str, &str); 7] = [
+    (
+        "test-pattern",
+        include_str!("../pipelines/test-pattern.pipeline"),
+    ),
+    (
+        "image-sequence",
+        include_str!("../pipelines/image-sequence.pipeline"),
+    ),
+    (
+        "video-file",
+        include_str!("../pipelines/video-file.pipeline"),
+    ),
+    ("v4l2", include_str!("../pipelines/v4l2.pipeline")),
+    ("rtsp", include_str!("../pipelines/rtsp.pipeline")),
+    (
+        "jetson-csi",
+        include_str!("../pipelines/jetson-csi.pipeline"),
+    ),
+    ("gige", include_str!("../pipelines/gige.pipeline")),
+];
+
+fn step(cmd: &mut Command, what: &str) -> Result<()> {
+    eprintln!("cras demo: {what}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Prepares the demo line in `opts.dir`; returns the config file to run.
+pub fn prepare(opts: &DemoOptions) -> Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot find the cras executable")?;
+    let dir = &opts.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+    step(
+        Command::new(&me).args(["setup", "--backbone", "efficientnet_lite0"]),
+        "installing the onnxruntime library and EfficientNet-Lite0 weights (once)",
+    )?;
+    let data = dir.join("data");
+    if !data.join("stripes").is_dir() {
+        step(
+            Command::new(&me)
+                .args(["synth", "--classes", "2", "--train", "40"])
+                .args(["--test-good", "6", "--test-defect", "2", "--size", "128"])
+                .arg("--out")
+                .arg(&data),
+            "writing a synthetic line (2 product classes, 128 px)",
+        )?;
+    }
+    let model = dir.join("model");
+    if !model.join("model.yaml").is_file() {
+        step(
+            Command::new(&me)
+                .args(["train", "--backbone", "efficientnet_lite0"])
+                .args(["--image-size", "128", "--embed-dim", "128", "--batch", "8"])
+                .args([
+                    "--noise-relative",
+                    "0.2",
+                    "--val-fraction",
+                    "0.25",
+                    "--seed",
+                    "0",
+                ])
+                .args(["--epochs", &opts.epochs.to_string()])
+                .arg("--data")
+                .arg(&data)
+                .arg("--out")
+                .arg(&model)
+                .arg("--work")
+                .arg(dir.join("train-work")),
+            "training a small model on the good images (about a minute)",
+        )?;
+        step(
+            Command::new(&me)
+                .args(["calibrate", "--model"])
+                .arg(&model)
+                .arg("--data")
+                .arg(&data),
+            "calibrating alarm thresholds on held-out good images",
+        )?;
+    }
+    let frames = dir.join("frames");
+    if !frames.join("00000.png").is_file() {
+        lay_out_frames(&data, &frames)?;
+    }
+    let pipelines = dir.join("pipelines");
+    std::fs::create_dir_all(&pipelines)?;
+    for (name, text) in TEMPLATES {
+        std::fs::write(pipelines.join(format!("{name}.pipeline")), text)?;
+    }
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "# The demo line (written by `cras demo`; see the documented config.yaml).\n\
+             device: {{site: demo, id: station1}}\n\
+             model: {{bundle: model}}\n\
+             cameras:\n  - id: cam1\n    pipeline: image-sequence\n    \
+             params: {{location: \"{frames}/%05d.png\", fps: {fps}, loop: true}}\n    \
+             max_fps: {fps}\n\
+             mqtt: {{url: \"{broker}\", client_id: cras-demo, result_rate_hz: 1, health_interval_s: 10}}\n\
+             spool: {{dir: spool}}\n\
+             http: {{listen: \"{http}\"}}\n\
+             logging: {{level: info}}\n",
+            frames = frames.display(),
+            fps = opts.fps,
+            broker = opts.broker,
+            http = opts.http,
+        ),
+    )?;
+    Ok(config)
+}
+
+/// Numbered frames from the test split: a good part, then a defective one, in turn.
+fn lay_out_frames(data: &Path, frames: &Path) -> Result<()> {
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for class in crate::dataset::discover_classes(data)? {
+        let test = data.join(&class).join("test");
+        for e in std::fs::read_dir(&test).with_context(|| format!("{}", test.display()))? {
+            let kind = e?.path();
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&kind)?
+                .filter_map(|f| f.ok().map(|f| f.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "png"))
+                .collect();
+            files.sort();
+            if kind.file_name().is_some_and(|n| n == "good") {
+                good.extend(files);
+            } else {
+                bad.extend(files);
+            }
+        }
+    }
+    std::fs::create_dir_all(frames)?;
+    let n = good.len().max(bad.len());
+    let mut i = 0;
+    for k in 0..n {
+        for src in [good.get(k), bad.get(k)].into_iter().flatten() {
+            std::fs::copy(src, frames.join(format!("{i:05}.png")))
+                .with_context(|| format!("cannot copy {}", src.display()))?;
+            i += 1;
+        }
+    }
+    Ok(())
+}
+
+/// What to look at while the demo runs.
+pub fn guide(opts: &DemoOptions, config: &Path) -> String {
+    let topic = "cras/demo/station1/#";
+    format!(
+        "\ncras demo: the daemon runs on {config} (Ctrl-C stops it; run again to restart at once).\n\
+         \x20 verdicts:  the log lines below (ANOMALOUS ... for defective parts)\n\
+         \x20 metrics:   curl http://{http}/metrics    health: curl -i http://{http}/healthz\n\
+         \x20 MQTT:      mosquitto_sub -h HOST -t '{topic}' -v   (broker {broker})\n\
+         \x20            without a broker alarms wait in {spool} and are sent once one is there\n",
+        config = config.display(),
+        http = opts.http,
+        broker = opts.broker,
+        spool = opts.dir.join("spool").display(),
+    )
+}
