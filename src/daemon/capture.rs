@@ -13,7 +13,6 @@
 //! corrupt file costs one frame, not the stream, and are paced to the caps' frame rate.
 
 use super::telemetry::{CameraState, CameraTelemetry, Telemetry, unix_ms};
-use crate::preprocess::{InputSpec, normalise_into, resize_and_crop};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use gstreamer as gst;
 use gstreamer::prelude::*;
@@ -31,12 +30,9 @@ pub struct Frame {
     /// Capture time (wall clock, Unix ms) and its monotonic twin for latencies.
     pub captured_ms: i64,
     pub captured: Instant,
-    /// Frame size, for mapping regions back to frame pixels.
-    pub width: usize,
-    pub height: usize,
-    /// The network input [3, H, W], prepared here so that cameras prepare in parallel.
-    pub tensor: Vec<f32>,
-    pub preprocess_ms: f64,
+    /// The frame as captured; resized and normalised only if inference takes it (under
+    /// overload most frames are dropped, and preparing them would be wasted work).
+    pub image: image::RgbImage,
 }
 
 /// Frames a camera may have waiting for inference; more and the oldest is dropped.
@@ -49,7 +45,6 @@ pub struct CameraSource {
     pub index: usize,
     pub pipeline: String,
     pub max_fps: f64,
-    pub input: InputSpec,
     pub telemetry: Arc<CameraTelemetry>,
     pub queue: Sender<Frame>,
     /// The receiving end too, to drop the oldest frame when the queue is full.
@@ -154,8 +149,7 @@ fn run_pipeline(
             had_frames: false,
         });
     }
-    let min_interval = Duration::from_secs_f64(1.0 / src.max_fps);
-    let mut last_taken: Option<Instant> = None;
+    let mut cap = RateCap::new(src.max_fps);
     let mut had_frames = false;
     // Pacing of encoded images (they carry no timestamps): start time and count.
     let mut paced: Option<(Instant, u64)> = None;
@@ -200,10 +194,9 @@ fn run_pipeline(
         let captured_ms = unix_ms();
         let captured = Instant::now();
         *number += 1;
-        if last_taken.is_some_and(|t| captured.duration_since(t) < min_interval) {
+        if !cap.take(captured) {
             continue;
         }
-        last_taken = Some(captured);
         let image = match frame_image(&sample) {
             Ok(img) => img,
             Err(reason) => {
@@ -213,24 +206,46 @@ fn run_pipeline(
             }
         };
         cam.frames_in.fetch_add(1, Ordering::Relaxed);
-        let t0 = Instant::now();
-        let mut tensor = Vec::new();
-        normalise_into(
-            &resize_and_crop(&image, &src.input),
-            &src.input,
-            &mut tensor,
-        );
         let frame = Frame {
             camera: src.index,
             number: *number,
             captured_ms,
             captured,
-            width: image.width() as usize,
-            height: image.height() as usize,
-            tensor,
-            preprocess_ms: t0.elapsed().as_secs_f64() * 1e3,
+            image,
         };
         offer(src, frame);
+    }
+}
+
+/// The frame-rate cap: frames are taken on a schedule of `1/max_fps` slots. A frame
+/// that arrives up to a quarter slot early still takes its slot, so a camera running at
+/// exactly `max_fps` loses nothing to jitter; one that falls behind restarts the schedule.
+struct RateCap {
+    interval: Duration,
+    next: Option<Instant>,
+}
+
+impl RateCap {
+    fn new(max_fps: f64) -> RateCap {
+        RateCap {
+            interval: Duration::from_secs_f64(1.0 / max_fps),
+            next: None,
+        }
+    }
+
+    fn take(&mut self, t: Instant) -> bool {
+        let slack = self.interval / 4;
+        match self.next {
+            Some(next) if t + slack < next => false,
+            Some(next) if t < next + self.interval => {
+                self.next = Some(next + self.interval);
+                true
+            }
+            _ => {
+                self.next = Some(t + self.interval);
+                true
+            }
+        }
     }
 }
 
@@ -327,5 +342,27 @@ fn frame_image(sample: &gst::Sample) -> Result<image::RgbImage, String> {
             "appsink delivers `{}`; use video/x-raw,format=RGB or encoded images",
             s.name()
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_cap_keeps_a_jittery_stream_at_its_rate_and_halves_a_double_one() {
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        // 10 fps source, cap 10: +-20 ms jitter loses nothing.
+        let mut cap = RateCap::new(10.0);
+        let jitter = [0, 120, 180, 310, 390, 520, 580, 710, 790, 900];
+        assert!(jitter.iter().all(|m| cap.take(ms(*m))));
+        // 20 fps source, cap 10: every other frame.
+        let mut cap = RateCap::new(10.0);
+        let taken = (0..20).filter(|i| cap.take(ms(i * 50))).count();
+        assert_eq!(taken, 10);
+        // After a pause the schedule restarts instead of letting a burst through.
+        assert!(cap.take(ms(5000)));
+        assert!(!cap.take(ms(5010)));
     }
 }

@@ -6,7 +6,7 @@
 use super::capture::Frame;
 use super::telemetry::{CameraTelemetry, Telemetry};
 use crate::engine::{CrasOutputs, Engine};
-use crate::preprocess::InputSpec;
+use crate::preprocess::{InputSpec, normalise_into, resize_and_crop};
 use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -131,8 +131,11 @@ impl InferenceStage {
         let per = 3 * spec.height * spec.width;
         let mut input = Vec::with_capacity(run_n * per);
         let started = Instant::now();
+        let mut prepare_ms = Vec::with_capacity(n);
         for f in &batch {
-            input.extend_from_slice(&f.tensor);
+            let t0 = Instant::now();
+            normalise_into(&resize_and_crop(&f.image, spec), spec, &mut input);
+            prepare_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         input.resize(run_n * per, 0.0);
         let t0 = Instant::now();
@@ -154,24 +157,24 @@ impl InferenceStage {
             }
         };
         for (i, f) in batch.into_iter().enumerate() {
-            let queue_ms =
-                (started.duration_since(f.captured).as_secs_f64() * 1e3 - f.preprocess_ms).max(0.0);
+            let queue_ms = started.duration_since(f.captured).as_secs_f64() * 1e3;
+            let preprocess_ms = prepare_ms[i];
             self.telemetry.observe(0, queue_ms);
-            self.telemetry.observe(1, f.preprocess_ms);
+            self.telemetry.observe(1, preprocess_ms);
             self.telemetry.observe(2, inference_ms);
             let r = Inferred {
                 camera: f.camera,
                 number: f.number,
                 captured_ms: f.captured_ms,
                 captured: f.captured,
-                width: f.width,
-                height: f.height,
+                width: f.image.width() as usize,
+                height: f.image.height() as usize,
                 score: outs.image_scores[i],
                 class_id: outs.class_ids[i],
                 map: outs.map(i).to_vec(),
                 map_hw: outs.map_hw,
                 queue_ms,
-                preprocess_ms: f.preprocess_ms,
+                preprocess_ms,
                 inference_ms,
             };
             if self.out.send(r).is_err() {

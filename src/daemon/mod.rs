@@ -127,7 +127,6 @@ impl Topology {
                 index: i,
                 pipeline: p.valid.pipelines[&cam.id].clone(),
                 max_fps: cam.max_fps,
-                input: spec.clone(),
                 telemetry: cams[i].clone(),
                 queue: tx,
                 queue_rx: rx,

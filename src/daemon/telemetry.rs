@@ -95,8 +95,9 @@ pub const STAGES: [&str; 5] = [
 ];
 
 /// Upper bounds (ms) of the latency histogram buckets.
-const BUCKETS_MS: [f64; 14] = [
-    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 30000.0,
+pub const BUCKETS_MS: [f64; 22] = [
+    1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0, 500.0,
+    750.0, 1000.0, 2000.0, 5000.0, 10000.0, 30000.0, 60000.0,
 ];
 
 /// A Prometheus histogram (cumulative buckets when rendered).
@@ -105,6 +106,34 @@ pub struct Histogram {
     counts: [u64; BUCKETS_MS.len()],
     count: u64,
     sum: f64,
+}
+
+/// The q-quantile of a Prometheus histogram from its cumulative `(le, count)` buckets
+/// (the last one `+Inf`), interpolated linearly within the bucket as Prometheus'
+/// `histogram_quantile` does.
+pub fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(le, cum) in buckets {
+        if cum >= rank {
+            if le.is_infinite() {
+                return Some(prev.0);
+            }
+            let width = cum - prev.1;
+            let frac = if width > 0.0 {
+                (rank - prev.1) / width
+            } else {
+                1.0
+            };
+            return Some(prev.0 + (le - prev.0) * frac);
+        }
+        prev = (le, cum);
+    }
+    None
 }
 
 impl Histogram {
@@ -500,9 +529,21 @@ mod tests {
         assert!(text.contains("cras_stage_latency_ms_bucket{stage=\"inference\",le=\"1\"} 1"));
         assert!(text.contains("cras_stage_latency_ms_bucket{stage=\"inference\",le=\"5\"} 3"));
         assert!(text.contains("cras_stage_latency_ms_bucket{stage=\"inference\",le=\"30000\"} 3"));
+        assert!(text.contains("cras_stage_latency_ms_bucket{stage=\"inference\",le=\"60000\"} 4"));
         assert!(text.contains("cras_stage_latency_ms_bucket{stage=\"inference\",le=\"+Inf\"} 4"));
         assert!(text.contains("cras_stage_latency_ms_count{stage=\"inference\"} 4"));
         assert!(text.contains("cras_frames_in_total{camera=\"cam1\"} 0"));
+    }
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        // 10 observations in (0,10], 10 in (10,20]: the median is the 10 boundary, p75
+        // half way into the second bucket, and nothing is past the last finite bucket.
+        let b = [(10.0, 10.0), (20.0, 20.0), (f64::INFINITY, 20.0)];
+        assert_eq!(bucket_quantile(&b, 0.5), Some(10.0));
+        assert_eq!(bucket_quantile(&b, 0.75), Some(15.0));
+        assert_eq!(bucket_quantile(&b, 0.25), Some(5.0));
+        assert_eq!(bucket_quantile(&[(f64::INFINITY, 0.0)], 0.5), None);
     }
 
     #[test]
