@@ -74,6 +74,14 @@ pub struct CameraConfig {
     /// Frames per second taken from this camera at most.
     #[serde(default = "default_max_fps")]
     pub max_fps: f64,
+    /// Seconds without a frame after which the camera counts as lost and its pipeline is
+    /// rebuilt; 0 turns the check off (hardware-triggered cameras with long pauses).
+    #[serde(default = "default_stall")]
+    pub stall_timeout_s: f64,
+}
+
+fn default_stall() -> f64 {
+    10.0
 }
 
 fn default_class() -> String {
@@ -237,6 +245,8 @@ pub struct ValidConfig {
     pub bundle: Bundle,
     /// Rendered capture pipeline per camera id.
     pub pipelines: BTreeMap<String, String>,
+    /// Camera ids whose template is a finite source (end of stream ends them).
+    pub finite: BTreeSet<String>,
     pub password: Option<String>,
 }
 
@@ -332,6 +342,7 @@ impl Config {
         }
         let mut ids = BTreeSet::new();
         let mut pipelines = BTreeMap::new();
+        let mut finite = BTreeSet::new();
         for (i, cam) in self.cameras.iter().enumerate() {
             let key = |k: &str| format!("cameras[{i}].{k}");
             if !topic_safe(&cam.id) {
@@ -362,12 +373,21 @@ impl Config {
                     "must be a positive number of frames per second".into(),
                 ));
             }
+            if !(cam.stall_timeout_s >= 0.0 && cam.stall_timeout_s.is_finite()) {
+                return Err(bad(
+                    &key("stall_timeout_s"),
+                    "must be 0 (off) or a positive number of seconds".into(),
+                ));
+            }
             let template = PipelineTemplate::load(pipelines_dir, &cam.pipeline)
                 .map_err(|e| bad(&key("pipeline"), e.to_string()))?;
             let text = template
                 .render(&cam.params)
                 .map_err(|e| bad(&key("params"), e.to_string()))?;
             pipelines.insert(cam.id.clone(), text);
+            if template.finite {
+                finite.insert(cam.id.clone());
+            }
         }
         if self.batching.max_batch == 0 {
             return Err(bad("batching.max_batch", "must be at least 1".into()));
@@ -494,6 +514,7 @@ impl Config {
             config: self,
             bundle,
             pipelines,
+            finite,
             password,
         })
     }

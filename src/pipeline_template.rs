@@ -1,6 +1,9 @@
 //! Capture pipeline templates (`pipelines/<name>.pipeline`): gst-launch text with
 //! `{param}` placeholders, ending in `appsink name=sink`. Header comments declare the
-//! parameters: `# param NAME` (required) or `# param NAME=DEFAULT`.
+//! parameters: `# param NAME` (required) or `# param NAME=DEFAULT`. A finite source (a
+//! file, a folder) says `# finite`: its end of stream means the camera is done; for any
+//! other source, end of stream means the camera was lost (rtspsrc, for one, ends its
+//! stream when the server goes away) and the pipeline is rebuilt.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +15,8 @@ pub struct PipelineTemplate {
     /// Parameter name -> default (None = required).
     pub params: BTreeMap<String, Option<String>>,
     pub body: String,
+    /// Declared `# finite`: end of stream ends the camera instead of reconnecting.
+    pub finite: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -51,9 +56,12 @@ impl PipelineTemplate {
     pub fn parse(name: &str, path: &Path, text: &str) -> Result<PipelineTemplate, TemplateError> {
         let mut params = BTreeMap::new();
         let mut body = Vec::new();
+        let mut finite = false;
         for line in text.lines() {
             let t = line.trim();
-            if let Some(decl) = t.strip_prefix("# param ") {
+            if t == "# finite" {
+                finite = true;
+            } else if let Some(decl) = t.strip_prefix("# param ") {
                 let (k, v) = match decl.split_once('=') {
                     Some((k, v)) => (k.trim().to_string(), Some(v.trim().to_string())),
                     None => (decl.trim().to_string(), None),
@@ -95,6 +103,7 @@ impl PipelineTemplate {
             path: path.to_path_buf(),
             params,
             body,
+            finite,
         })
     }
 

@@ -121,6 +121,10 @@ fn good_config_passes_and_each_mistake_is_named() {
             &["mqtt.qos"],
         ),
         (
+            good.replace("max_fps: 5", "max_fps: 5\n    stall_timeout_s: -1"),
+            &["cameras[0].stall_timeout_s"],
+        ),
+        (
             // The imported model is not calibrated: every class needs a threshold.
             good.replace(", beta: {image: 0.5, pixel: 0.6}", ""),
             &["model.thresholds.beta", "cras calibrate"],

@@ -3,10 +3,11 @@
 //! small bounded queue. When inference is behind, the oldest queued frame of that camera
 //! is dropped and counted, so the freshest frame wins and memory stays flat.
 //!
-//! Bus errors and end of stream become a camera state: an error rebuilds the pipeline
-//! after a backoff (1 s doubling to 30 s, reset once frames flow again), the end of a
-//! file or folder is final (`ended`), and a pipeline that cannot be built at all is
-//! `failed`. Either way the other cameras keep running.
+//! Bus errors and end of stream become a camera state: an error, a stall (no frame for
+//! `stall_timeout_s`) or the end of a live stream rebuilds the pipeline after a backoff
+//! (1 s doubling to 30 s, reset once frames flow again); the end of a finite source (a
+//! file or folder, `# finite` in its template) is final (`ended`); a pipeline that
+//! cannot be built at all is `failed`. Either way the other cameras keep running.
 //!
 //! The appsink may deliver raw `video/x-raw,format=RGB` frames or encoded images
 //! (`image/...`, from the image-folder template); encoded images are decoded here, so a
@@ -45,6 +46,11 @@ pub struct CameraSource {
     pub index: usize,
     pub pipeline: String,
     pub max_fps: f64,
+    /// A finite source (file, folder): its end of stream ends the camera; for any other
+    /// source it means the camera was lost.
+    pub finite: bool,
+    /// No frame for this long: the camera is lost (None: never).
+    pub stall_timeout: Option<Duration>,
     pub telemetry: Arc<CameraTelemetry>,
     pub queue: Sender<Frame>,
     /// The receiving end too, to drop the oldest frame when the queue is full.
@@ -150,6 +156,7 @@ fn run_pipeline(
         });
     }
     let mut cap = RateCap::new(src.max_fps);
+    let mut last_progress = Instant::now();
     let mut had_frames = false;
     // Pacing of encoded images (they carry no timestamps): start time and count.
     let mut paced: Option<(Instant, u64)> = None;
@@ -169,7 +176,13 @@ fn run_pipeline(
                         had_frames,
                     });
                 }
-                gst::MessageView::Eos(_) => return shut(Outcome::Ended),
+                gst::MessageView::Eos(_) if src.finite => return shut(Outcome::Ended),
+                gst::MessageView::Eos(_) => {
+                    return shut(Outcome::Lost {
+                        reason: "the stream ended".into(),
+                        had_frames,
+                    });
+                }
                 gst::MessageView::Warning(w) => {
                     tracing::warn!(camera = %cam.id, "{}", w.error());
                 }
@@ -177,8 +190,19 @@ fn run_pipeline(
             }
         }
         let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_mseconds(100)) else {
+            // A source can stop delivering without an error (a network camera that lost
+            // power mid-stream, a hung driver): that is a lost camera too.
+            if let Some(limit) = src.stall_timeout
+                && last_progress.elapsed() > limit
+            {
+                return shut(Outcome::Lost {
+                    reason: format!("no frame for {:.0} s", limit.as_secs_f64()),
+                    had_frames,
+                });
+            }
             continue;
         };
+        last_progress = Instant::now();
         if !had_frames {
             had_frames = true;
             all.set_state(cam, CameraState::Running);

@@ -127,6 +127,9 @@ impl Topology {
                 index: i,
                 pipeline: p.valid.pipelines[&cam.id].clone(),
                 max_fps: cam.max_fps,
+                finite: p.valid.finite.contains(&cam.id),
+                stall_timeout: (cam.stall_timeout_s > 0.0)
+                    .then(|| Duration::from_secs_f64(cam.stall_timeout_s)),
                 telemetry: cams[i].clone(),
                 queue: tx,
                 queue_rx: rx,

@@ -45,16 +45,24 @@ pub fn wait_for(secs: f64, what: &str, mut f: impl FnMut() -> bool) {
 pub struct Broker {
     pub port: u16,
     dir: PathBuf,
+    /// Extra lines for the listener (TLS files, password file).
+    extra: String,
     child: Option<Child>,
 }
 
 impl Broker {
     pub fn start(dir: &Path) -> Broker {
+        Broker::start_with(dir, "allow_anonymous true\n")
+    }
+
+    /// A broker whose listener takes `extra` configuration lines.
+    pub fn start_with(dir: &Path, extra: &str) -> Broker {
         require("mosquitto");
         std::fs::create_dir_all(dir).unwrap();
         let mut b = Broker {
             port: free_port(),
             dir: dir.to_path_buf(),
+            extra: extra.to_string(),
             child: None,
         };
         b.restart();
@@ -67,8 +75,11 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
+                // `user root`: started as root (CI), mosquitto would switch to its own user,
+                // which cannot read the test's private temporary folder. Ignored otherwise.
+                "user root\nlistener {} 127.0.0.1\n{}persistence true\npersistence_location {}/\n",
                 self.port,
+                self.extra,
                 self.dir.display()
             ),
         )
@@ -146,9 +157,15 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub fn start(port: u16, topic: &str) -> Subscriber {
+        Subscriber::start_with(port, topic, &["-h", "127.0.0.1"])
+    }
+
+    /// With extra mosquitto_sub arguments (host, TLS, credentials).
+    pub fn start_with(port: u16, topic: &str, args: &[&str]) -> Subscriber {
         require("mosquitto_sub");
         let mut child = std::process::Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic])
+            .args(args)
+            .args(["-p", &port.to_string(), "-t", topic])
             .args(["-q", "1", "-c", "-i", &format!("test-sub-{port}"), "-v"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
