@@ -8,8 +8,6 @@ mod common;
 
 use common::daemon::*;
 use common::*;
-use std::os::unix::net::UnixDatagram;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[test]
@@ -28,22 +26,7 @@ fn one_alarm_per_defective_frame_then_a_clean_stop() {
         &[("cam1", "image-sequence", &folder_params(&line, 4, false))],
         "  result_rate_hz: 100\n",
     );
-    let sock_path = dir.join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let notes = Arc::new(Mutex::new(Vec::<String>::new()));
-    let sink = notes.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Ok(n) = sock.recv(&mut buf) {
-                sink.lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-    });
+    let (sock_path, notes) = notify_socket(dir);
     let mut d = Daemon::start(
         &cfg,
         &dir.join("cras.log"),

@@ -6,9 +6,6 @@
 mod common;
 
 use common::daemon::*;
-use std::os::unix::net::UnixDatagram;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 #[test]
 fn bad_reloads_are_rejected_and_good_ones_applied() {
@@ -28,22 +25,7 @@ fn bad_reloads_are_rejected_and_good_ones_applied() {
         "",
     );
     let good = std::fs::read_to_string(&cfg).unwrap();
-    let sock_path = dir.join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let notes = Arc::new(Mutex::new(Vec::<String>::new()));
-    let sink = notes.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Ok(n) = sock.recv(&mut buf) {
-                sink.lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-    });
+    let (sock_path, notes) = notify_socket(dir);
     let mut d = Daemon::start(
         &cfg,
         &dir.join("cras.log"),

@@ -536,6 +536,21 @@ mod tests {
     }
 
     #[test]
+    fn the_stalest_stage_is_named_for_the_watchdog() {
+        let t = Telemetry::new();
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        t.beat(0);
+        t.beat(2);
+        // Judging (1) has not gone round its loop since the start.
+        let (stage, age) = t.stalest();
+        assert_eq!(stage, "postprocess");
+        assert!(age >= 0.05, "{age}");
+        assert!(!t.alive_within(0.05));
+        t.beat(1);
+        assert!(t.alive_within(0.05));
+    }
+
+    #[test]
     fn quantiles_interpolate_within_buckets() {
         // 10 observations in (0,10], 10 in (10,20]: the median is the 10 boundary, p75
         // half way into the second bucket, and nothing is past the last finite bucket.

@@ -464,3 +464,24 @@ pub fn folder_params(line: &Line, fps: u32, looping: bool) -> String {
         line.frames.display()
     )
 }
+
+/// A NOTIFY_SOCKET for the daemon: its path, and the messages received on it.
+pub fn notify_socket(dir: &Path) -> (PathBuf, Arc<Mutex<Vec<String>>>) {
+    let path = dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let notes = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = notes.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Ok(n) = sock.recv(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    });
+    (path, notes)
+}
