@@ -14,14 +14,15 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Source {
     File(PathBuf),
-    /// The file with a synthetic defect painted on (seeded): validation positives.
-    WithDefect(PathBuf, u64),
+    /// The file with a synthetic defect painted on (seed, strength in percent):
+    /// validation positives.
+    WithDefect(PathBuf, u64, u8),
 }
 
 impl Source {
     pub fn path(&self) -> &Path {
         match self {
-            Source::File(p) | Source::WithDefect(p, _) => p,
+            Source::File(p) | Source::WithDefect(p, _, _) => p,
         }
     }
 
@@ -29,8 +30,12 @@ impl Source {
     pub fn load(&self, spec: &InputSpec) -> Result<image::RgbImage> {
         let img = preprocess::load_rgb(self.path())?;
         let mut crop = preprocess::resize_and_crop(&img, spec);
-        if let Source::WithDefect(_, seed) = self {
-            crate::synth::paint_random_defect(&mut crop, &mut Rng::new(*seed));
+        if let Source::WithDefect(_, seed, strength) = self {
+            crate::synth::paint_random_defect(
+                &mut crop,
+                &mut Rng::new(*seed),
+                *strength as f64 / 100.0,
+            );
         }
         Ok(crop)
     }

@@ -187,15 +187,57 @@ pub fn generate(o: &SynthOptions) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Paints a random synthetic defect on an image (used for validation positives).
-pub fn paint_random_defect(img: &mut RgbImage, rng: &mut Rng) -> GrayImage {
+/// Paints a random synthetic defect on an image (used for validation positives), blended
+/// at `strength` (1: as `cras synth` paints it; 0.3: 30% of the way from the image to
+/// the defect, a subtler one for images where full-strength defects are all obvious).
+pub fn paint_random_defect(img: &mut RgbImage, rng: &mut Rng, strength: f64) -> GrayImage {
     let d = rng.below(DEFECTS.len());
-    add_defect(img, d, rng)
+    let original = img.clone();
+    let mask = add_defect(img, d, rng);
+    let a = strength.clamp(0.0, 1.0);
+    for ((p, o), m) in img.pixels_mut().zip(original.pixels()).zip(mask.pixels()) {
+        if m.0[0] > 0 {
+            for c in 0..3 {
+                let (o, v) = (o.0[c] as f64, p.0[c] as f64);
+                p.0[c] = (o + (v - o) * a).round().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    mask
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defect_strength_blends_only_inside_the_mask() {
+        let base = good_image(0, 64, &mut Rng::new(3));
+        let mut full = base.clone();
+        let mask = paint_random_defect(&mut full, &mut Rng::new(9), 1.0);
+        let mut none = base.clone();
+        assert_eq!(paint_random_defect(&mut none, &mut Rng::new(9), 0.0), mask);
+        assert_eq!(none, base, "strength 0 paints nothing");
+        let mut half = base.clone();
+        paint_random_defect(&mut half, &mut Rng::new(9), 0.5);
+        let mut inside = 0;
+        for ((h, (b, f)), m) in half
+            .pixels()
+            .zip(base.pixels().zip(full.pixels()))
+            .zip(mask.pixels())
+        {
+            for c in 0..3 {
+                let want = (b.0[c] as f64 + (f.0[c] as f64 - b.0[c] as f64) * 0.5).round();
+                if m.0[0] > 0 {
+                    assert!((h.0[c] as f64 - want).abs() <= 0.5);
+                    inside += 1;
+                } else {
+                    assert_eq!(h.0[c], b.0[c]);
+                }
+            }
+        }
+        assert!(inside > 0);
+    }
 
     #[test]
     fn same_seed_gives_identical_files_and_masks_cover_defects() {
