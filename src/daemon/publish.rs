@@ -57,10 +57,9 @@ pub struct PublisherSettings {
 impl PublisherSettings {
     /// Whether a change from `self` to `other` needs a new connection or spool.
     pub fn differs(&self, other: &PublisherSettings) -> bool {
-        format!("{:?}", self.mqtt) != format!("{:?}", other.mqtt)
+        self.mqtt != other.mqtt
             || self.password != other.password
-            || self.spool.dir != other.spool.dir
-            || self.spool.max_bytes != other.spool.max_bytes
+            || self.spool != other.spool
             || self.site != other.site
             || self.device != other.device
     }

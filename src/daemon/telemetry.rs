@@ -286,6 +286,7 @@ impl Telemetry {
 
     /// The periodic MQTT `health` payload.
     pub fn health_json(&self, device: &str, site: &str, spool_queued: usize) -> serde_json::Value {
+        let problems = self.unhealthy_reasons();
         let cams: Vec<serde_json::Value> = self
             .cameras()
             .iter()
@@ -308,8 +309,8 @@ impl Telemetry {
             "time": crate::alarm::rfc3339_utc(unix_ms()),
             "uptime_s": self.started.elapsed().as_secs(),
             "model_id": self.model_id.lock().map(|m| m.clone()).unwrap_or_default(),
-            "healthy": self.unhealthy_reasons().is_empty(),
-            "problems": self.unhealthy_reasons(),
+            "healthy": problems.is_empty(),
+            "problems": problems,
             "cameras": cams,
             "alarms_spooled": spool_queued,
             "alarms_evicted_total": self.alarms_evicted.load(Ordering::Relaxed),
