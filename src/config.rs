@@ -244,10 +244,17 @@ pub struct ValidConfig {
     pub config: Config,
     pub bundle: Bundle,
     /// Rendered capture pipeline per camera id.
-    pub pipelines: BTreeMap<String, String>,
-    /// Camera ids whose template is a finite source (end of stream ends them).
-    pub finite: BTreeSet<String>,
+    pub pipelines: BTreeMap<String, CameraPipeline>,
     pub password: Option<String>,
+}
+
+/// A camera's capture pipeline, rendered from its template.
+#[derive(Debug, Clone)]
+pub struct CameraPipeline {
+    /// gst-launch text.
+    pub text: String,
+    /// A finite source (the template says `# finite`): end of stream ends the camera.
+    pub finite: bool,
 }
 
 fn topic_safe(s: &str) -> bool {
@@ -342,7 +349,6 @@ impl Config {
         }
         let mut ids = BTreeSet::new();
         let mut pipelines = BTreeMap::new();
-        let mut finite = BTreeSet::new();
         for (i, cam) in self.cameras.iter().enumerate() {
             let key = |k: &str| format!("cameras[{i}].{k}");
             if !topic_safe(&cam.id) {
@@ -384,10 +390,13 @@ impl Config {
             let text = template
                 .render(&cam.params)
                 .map_err(|e| bad(&key("params"), e.to_string()))?;
-            pipelines.insert(cam.id.clone(), text);
-            if template.finite {
-                finite.insert(cam.id.clone());
-            }
+            pipelines.insert(
+                cam.id.clone(),
+                CameraPipeline {
+                    text,
+                    finite: template.finite,
+                },
+            );
         }
         if self.batching.max_batch == 0 {
             return Err(bad("batching.max_batch", "must be at least 1".into()));
@@ -514,7 +523,6 @@ impl Config {
             config: self,
             bundle,
             pipelines,
-            finite,
             password,
         })
     }

@@ -430,7 +430,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             );
             for (cam, p) in &v.pipelines {
-                println!("  {cam}: {p}");
+                println!("  {cam}: {}", p.text);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -58,11 +58,11 @@ impl Drop for HttpServer {
 fn respond(req: tiny_http::Request, telemetry: &Telemetry) {
     let path = req.url().split('?').next().unwrap_or("").to_string();
     let text = |body: String, code: u16, kind: &str| {
-        let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], kind.as_bytes())
-            .expect("static header");
-        tiny_http::Response::from_string(body)
-            .with_status_code(code)
-            .with_header(header)
+        let response = tiny_http::Response::from_string(body).with_status_code(code);
+        match tiny_http::Header::from_bytes(&b"Content-Type"[..], kind.as_bytes()) {
+            Ok(header) => response.with_header(header),
+            Err(()) => response,
+        }
     };
     let resp = match (req.method(), path.as_str()) {
         (tiny_http::Method::Get, "/metrics") => text(

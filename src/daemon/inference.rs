@@ -42,6 +42,8 @@ pub struct InferenceStage {
     /// (Cameras whose stream ended close their queue too; without a stop this stage
     /// keeps idling, so the watchdog still sees it alive.)
     pub stopping: Arc<AtomicBool>,
+    /// The engine input, reused from batch to batch.
+    pub batch_input: Vec<f32>,
 }
 
 impl InferenceStage {
@@ -129,7 +131,9 @@ impl InferenceStage {
         let n = batch.len();
         let run_n = self.engine.fixed_batch().unwrap_or(n).max(n);
         let per = 3 * spec.height * spec.width;
-        let mut input = Vec::with_capacity(run_n * per);
+        // One buffer for every batch: allocated once, refilled per batch.
+        let mut input = std::mem::take(&mut self.batch_input);
+        input.clear();
         let started = Instant::now();
         let mut prepare_ms = Vec::with_capacity(n);
         for f in &batch {
@@ -144,6 +148,7 @@ impl InferenceStage {
             .run(&input, [run_n, 3, spec.height, spec.width])
             .and_then(CrasOutputs::from_named);
         let inference_ms = t0.elapsed().as_secs_f64() * 1e3;
+        self.batch_input = input;
         let outs = match outs {
             Ok(o) => o,
             Err(e) => {

@@ -121,13 +121,16 @@ impl Topology {
         let mut captures = Vec::new();
         let mut queues = Vec::new();
         for (i, cam) in c.cameras.iter().enumerate() {
+            let Some(pipeline) = p.valid.pipelines.get(&cam.id) else {
+                anyhow::bail!("camera {}: no rendered pipeline", cam.id);
+            };
             let (tx, rx) = crossbeam_channel::bounded(capture::QUEUE_FRAMES);
             queues.push(rx.clone());
             let src = capture::CameraSource {
                 index: i,
-                pipeline: p.valid.pipelines[&cam.id].clone(),
+                pipeline: pipeline.text.clone(),
                 max_fps: cam.max_fps,
-                finite: p.valid.finite.contains(&cam.id),
+                finite: pipeline.finite,
                 stall_timeout: (cam.stall_timeout_s > 0.0)
                     .then(|| Duration::from_secs_f64(cam.stall_timeout_s)),
                 telemetry: cams[i].clone(),
@@ -153,6 +156,7 @@ impl Topology {
             max_wait: Duration::from_millis(c.batching.max_wait_ms),
             telemetry: telemetry.clone(),
             stopping: stop.clone(),
+            batch_input: Vec::new(),
         };
         let inference = std::thread::Builder::new()
             .name("inference".into())
@@ -368,7 +372,7 @@ fn log_start(p: &Prepared) {
         c.cameras.len(),
         c.mqtt.url
     );
-    for cam in &c.cameras {
-        tracing::info!(camera = %cam.id, "pipeline: {}", p.valid.pipelines[&cam.id]);
+    for (camera, pipeline) in &p.valid.pipelines {
+        tracing::info!(camera = %camera, "pipeline: {}", pipeline.text);
     }
 }

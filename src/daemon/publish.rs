@@ -42,6 +42,8 @@ pub enum PublishError {
     Tls(String),
     #[error(transparent)]
     Spool(#[from] crate::spool::SpoolError),
+    #[error("cannot start the {0} thread: {1}")]
+    Thread(&'static str, std::io::Error),
 }
 
 /// What the publisher needs from the configuration.
@@ -256,7 +258,7 @@ impl Publisher {
             std::thread::Builder::new()
                 .name("mqtt".into())
                 .spawn(move || drive_connection(options, ev_tx, stop))
-                .map_err(|e| PublishError::Url(settings.mqtt.url.clone(), e.to_string()))?
+                .map_err(|e| PublishError::Thread("mqtt", e))?
         };
         let flush_until = Arc::new(std::sync::Mutex::new(None));
         let worker = PublisherLoop {
@@ -274,7 +276,7 @@ impl Publisher {
         let thread = std::thread::Builder::new()
             .name("publish".into())
             .spawn(move || worker.run())
-            .map_err(|e| PublishError::Url(settings.mqtt.url.clone(), e.to_string()))?;
+            .map_err(|e| PublishError::Thread("publish", e))?;
         Ok(Publisher {
             settings,
             input: Some(tx),
