@@ -14,18 +14,13 @@ use std::time::Duration;
 fn one_alarm_per_defective_frame_then_a_clean_stop() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let line = line(dir);
-    let broker = Broker::start(&dir.join("broker"));
-    let sub = Subscriber::start(broker.port, "cras/#");
-    let http = free_port();
-    let cfg = write_config(
-        dir,
-        &line,
-        &broker.url(),
+    let Rig {
+        line,
+        broker,
+        sub,
         http,
-        &[("cam1", "image-sequence", &folder_params(&line, 4, false))],
-        "  result_rate_hz: 100\n",
-    );
+        config: cfg,
+    } = folder_rig(dir, 4, false, "  result_rate_hz: 100\n");
     let (sock_path, notes) = notify_socket(dir);
     let mut d = Daemon::start(
         &cfg,
@@ -40,9 +35,7 @@ fn one_alarm_per_defective_frame_then_a_clean_stop() {
         .filter(|i| line.defective[*i as usize - 1])
         .collect();
     wait_for(90.0, "every frame to be judged", || {
-        http_get(http, "/metrics")
-            .and_then(|(_, m)| metric(&m, "cras_frames_processed_total{camera=\"cam1\"}"))
-            == Some(n_frames as f64)
+        frames_processed(http, "cam1") == n_frames as f64
     });
     wait_for(10.0, "the alarms", || {
         sub.on("/cam1/alarm").len() >= expected.len()

@@ -84,22 +84,6 @@ fn left_in_spool(spool: &Path) -> usize {
         .count()
 }
 
-fn setup(dir: &Path) -> (Line, Broker, Subscriber, u16, std::path::PathBuf) {
-    let line = line(dir);
-    let broker = Broker::start(&dir.join("broker"));
-    let sub = Subscriber::start(broker.port, "cras/#");
-    let http = free_port();
-    let cfg = write_config(
-        dir,
-        &line,
-        &broker.url(),
-        http,
-        &[("cam1", "image-sequence", &folder_params(&line, 6, true))],
-        "",
-    );
-    (line, broker, sub, http, cfg)
-}
-
 fn metrics(http: u16) -> String {
     http_get(http, "/metrics").map(|x| x.1).unwrap_or_default()
 }
@@ -108,7 +92,13 @@ fn metrics(http: u16) -> String {
 fn broker_outage_loses_nothing_and_keeps_order() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let (_line, mut broker, sub, http, cfg) = setup(dir);
+    let Rig {
+        mut broker,
+        sub,
+        http,
+        config: cfg,
+        ..
+    } = folder_rig(dir, 6, true, "");
     let mut d = Daemon::start(&cfg, &dir.join("cras.log"), &[]);
     wait_for(90.0, "first alarms", || arrivals(&sub).len() >= 3);
 
@@ -154,7 +144,12 @@ fn broker_outage_loses_nothing_and_keeps_order() {
 fn kill_9_loses_nothing_and_duplicates_only_keep_their_sequence() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let (_line, _broker, sub, http, cfg) = setup(dir);
+    let Rig {
+        broker: _broker,
+        sub,
+        config: cfg,
+        ..
+    } = folder_rig(dir, 6, true, "");
     let log = dir.join("cras.log");
     let mut d = Daemon::start(&cfg, &log, &[]);
     wait_for(90.0, "first alarms", || arrivals(&sub).len() >= 3);
@@ -180,5 +175,4 @@ fn kill_9_loses_nothing_and_duplicates_only_keep_their_sequence() {
     });
     std::thread::sleep(Duration::from_millis(500));
     check_arrivals(&arrivals(&sub), n, before);
-    let _ = http;
 }

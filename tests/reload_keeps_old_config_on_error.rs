@@ -11,19 +11,13 @@ use common::daemon::*;
 fn bad_reloads_are_rejected_and_good_ones_applied() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let line = line(dir);
-    let broker = Broker::start(&dir.join("broker"));
-    let sub = Subscriber::start(broker.port, "cras/#");
-    let http = free_port();
-    let params = folder_params(&line, 6, true);
-    let cfg = write_config(
-        dir,
-        &line,
-        &broker.url(),
+    let Rig {
+        line,
+        broker: _broker,
+        sub,
         http,
-        &[("cam1", "image-sequence", &params)],
-        "",
-    );
+        config: cfg,
+    } = folder_rig(dir, 6, true, "");
     let good = std::fs::read_to_string(&cfg).unwrap();
     let (sock_path, notes) = notify_socket(dir);
     let mut d = Daemon::start(
@@ -31,11 +25,7 @@ fn bad_reloads_are_rejected_and_good_ones_applied() {
         &dir.join("cras.log"),
         &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
     );
-    let processed = || {
-        http_get(http, "/metrics")
-            .and_then(|(_, m)| metric(&m, "cras_frames_processed_total{camera=\"cam1\"}"))
-            .unwrap_or(0.0)
-    };
+    let processed = || frames_processed(http, "cam1");
     wait_for(90.0, "frames flowing", || processed() >= 3.0);
     // A looping folder camera is running and the model is loaded: healthy.
     let (code, body) = http_get(http, "/healthz").unwrap();

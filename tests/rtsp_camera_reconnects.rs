@@ -72,11 +72,7 @@ fn lost_rtsp_camera_reconnects() {
     let cfg = dir.join("config.yaml");
     std::fs::write(&cfg, yaml).unwrap();
     let mut d = Daemon::start(&cfg, &dir.join("cras.log"), &[]);
-    let processed = || {
-        http_get(http, "/metrics")
-            .and_then(|(_, m)| metric(&m, "cras_frames_processed_total{camera=\"door\"}"))
-            .unwrap_or(0.0)
-    };
+    let processed = || frames_processed(http, "door");
     wait_for(60.0, "frames from the RTSP camera", || processed() >= 5.0);
     assert_eq!(http_get(http, "/healthz").unwrap().0, 200);
 

@@ -485,3 +485,51 @@ pub fn notify_socket(dir: &Path) -> (PathBuf, Arc<Mutex<Vec<String>>>) {
     });
     (path, notes)
 }
+
+/// Frames judged so far by `camera`, read from /metrics (0 while unreachable).
+pub fn frames_processed(http: u16, camera: &str) -> f64 {
+    http_get(http, "/metrics")
+        .and_then(|(_, m)| {
+            metric(
+                &m,
+                &format!("cras_frames_processed_total{{camera=\"{camera}\"}}"),
+            )
+        })
+        .unwrap_or(0.0)
+}
+
+/// The usual set-up: the line, a broker, a subscriber on `cras/#`, and `config.yaml` with
+/// one folder camera `cam1` playing the line's frames at `fps`.
+pub struct Rig {
+    pub line: Line,
+    pub broker: Broker,
+    pub sub: Subscriber,
+    pub http: u16,
+    pub config: PathBuf,
+}
+
+pub fn folder_rig(dir: &Path, fps: u32, looping: bool, extra_mqtt: &str) -> Rig {
+    let line = line(dir);
+    let broker = Broker::start(&dir.join("broker"));
+    let sub = Subscriber::start(broker.port, "cras/#");
+    let http = free_port();
+    let config = write_config(
+        dir,
+        &line,
+        &broker.url(),
+        http,
+        &[(
+            "cam1",
+            "image-sequence",
+            &folder_params(&line, fps, looping),
+        )],
+        extra_mqtt,
+    );
+    Rig {
+        line,
+        broker,
+        sub,
+        http,
+        config,
+    }
+}
