@@ -317,46 +317,40 @@ impl Telemetry {
     pub fn prometheus(&self) -> String {
         let mut o = String::new();
         let cams = self.cameras();
-        let counter =
-            |o: &mut String, name: &str, help: &str, f: &dyn Fn(&CameraTelemetry) -> u64| {
-                let _ = writeln!(o, "# HELP cras_{name} {help}\n# TYPE cras_{name} counter");
-                for c in &cams {
-                    let _ = writeln!(o, "cras_{name}{{camera=\"{}\"}} {}", c.id, f(c));
-                }
-            };
-        counter(
-            &mut o,
-            "frames_in_total",
-            "Frames accepted from the camera.",
-            &|c| c.frames_in.load(Ordering::Relaxed),
-        );
-        counter(&mut o, "frames_processed_total", "Frames judged.", &|c| {
-            c.frames_processed.load(Ordering::Relaxed)
-        });
-        counter(
-            &mut o,
-            "frames_dropped_total",
-            "Frames dropped because inference was behind.",
-            &|c| c.frames_dropped.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut o,
-            "frames_failed_total",
-            "Frames that could not be decoded or prepared.",
-            &|c| c.frames_failed.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut o,
-            "frames_anomalous_total",
-            "Frames judged anomalous.",
-            &|c| c.frames_anomalous.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut o,
-            "class_mismatch_total",
-            "Frames whose detected class differs from the camera's pinned class.",
-            &|c| c.class_mismatches.load(Ordering::Relaxed),
-        );
+        type Field = fn(&CameraTelemetry) -> &AtomicU64;
+        let counters: [(&str, &str, Field); 6] = [
+            ("frames_in_total", "Frames accepted from the camera.", |c| {
+                &c.frames_in
+            }),
+            ("frames_processed_total", "Frames judged.", |c| {
+                &c.frames_processed
+            }),
+            (
+                "frames_dropped_total",
+                "Frames dropped because inference was behind.",
+                |c| &c.frames_dropped,
+            ),
+            (
+                "frames_failed_total",
+                "Frames that could not be decoded or prepared.",
+                |c| &c.frames_failed,
+            ),
+            ("frames_anomalous_total", "Frames judged anomalous.", |c| {
+                &c.frames_anomalous
+            }),
+            (
+                "class_mismatch_total",
+                "Frames whose detected class differs from the camera's pinned class.",
+                |c| &c.class_mismatches,
+            ),
+        ];
+        for (name, help, field) in counters {
+            let _ = writeln!(o, "# HELP cras_{name} {help}\n# TYPE cras_{name} counter");
+            for c in &cams {
+                let v = field(c).load(Ordering::Relaxed);
+                let _ = writeln!(o, "cras_{name}{{camera=\"{}\"}} {v}", c.id);
+            }
+        }
         let _ = writeln!(
             o,
             "# HELP cras_camera_up 1 when the camera is running.\n# TYPE cras_camera_up gauge"
