@@ -95,7 +95,7 @@ pub fn prepare(opts: &DemoOptions) -> Result<PathBuf> {
                 .arg(&model)
                 .arg("--work")
                 .arg(dir.join("train-work")),
-            "training a small model on the good images (about a minute)",
+            "training a small model on the good images (seconds to a minute)",
         )?;
         step(
             Command::new(&me)
