@@ -14,15 +14,15 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Source {
     File(PathBuf),
-    /// The file with a synthetic defect painted on (seed, strength in percent):
-    /// validation positives.
-    WithDefect(PathBuf, u64, u8),
+    /// The file with a synthetic defect of one of the kinds painted on (seed, strength
+    /// in percent, kinds): validation positives.
+    WithDefect(PathBuf, u64, u8, crate::synth::DefectKinds),
 }
 
 impl Source {
     pub fn path(&self) -> &Path {
         match self {
-            Source::File(p) | Source::WithDefect(p, _, _) => p,
+            Source::File(p) | Source::WithDefect(p, _, _, _) => p,
         }
     }
 
@@ -30,11 +30,12 @@ impl Source {
     pub fn load(&self, spec: &InputSpec) -> Result<image::RgbImage> {
         let img = preprocess::load_rgb(self.path())?;
         let mut crop = preprocess::resize_and_crop(&img, spec);
-        if let Source::WithDefect(_, seed, strength) = self {
+        if let Source::WithDefect(_, seed, strength, kinds) = self {
             crate::synth::paint_random_defect(
                 &mut crop,
                 &mut Rng::new(*seed),
                 *strength as f64 / 100.0,
+                *kinds,
             );
         }
         Ok(crop)
@@ -94,6 +95,9 @@ pub fn cache_key(model_id: &str, spec: &InputSpec, sources: &[Source]) -> [u8; 3
     h.update(format!("{spec:?}").as_bytes());
     for s in sources {
         h.update(format!("{s:?}\n").as_bytes());
+    }
+    if sources.iter().any(|s| matches!(s, Source::WithDefect(..))) {
+        h.update(crate::synth::PAINTER_VERSION.to_le_bytes());
     }
     h.finalize().into()
 }

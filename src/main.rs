@@ -1,6 +1,6 @@
 //! The `cras` command line.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use cras::backbone::BackboneSpec;
 use cras::engine::{EngineKind, EngineOptions};
@@ -246,6 +246,11 @@ struct TrainArgs {
     /// still ranks epochs and settings.
     #[arg(long, default_value_t = 1.0)]
     val_defect_strength: f64,
+    /// Kinds of synthetic defect painted on validation positives, comma-separated, from
+    /// scratch, spot, missing, crack. Pick the ones that look like your product's real
+    /// defects: the epoch and settings are chosen on them.
+    #[arg(long, default_value = "scratch,spot,missing,crack")]
+    val_defects: String,
     /// Random seed (split, initialisation, noise, shuffling).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -559,6 +564,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 noise_k: a.noise_k,
                 val_fraction: a.val_fraction,
                 val_defect_strength: a.val_defect_strength,
+                val_defects: cras::synth::DefectKinds::parse(&a.val_defects)
+                    .context("--val-defects")?,
                 seed: a.seed,
                 resume: a.resume,
                 engine_options: EngineOptions {

@@ -14,6 +14,59 @@ use std::path::{Path, PathBuf};
 
 pub const TEXTURES: [&str; 4] = ["stripes", "checker", "grain", "dots"];
 pub const DEFECTS: [&str; 3] = ["scratch", "spot", "missing"];
+/// Kinds of synthetic defect painted on validation positives: the dataset's three and
+/// `crack`, a thin jagged dark line that may fork (cracks in cells, ceramics, glass and
+/// castings look like this, and they are subtler than the others).
+pub const VALIDATION_DEFECTS: [&str; 4] = ["scratch", "spot", "missing", "crack"];
+/// Bumped whenever a validation defect is drawn differently, so cached validation
+/// embeddings made with the old drawing are not reused.
+pub const PAINTER_VERSION: u32 = 2;
+
+/// A set of `VALIDATION_DEFECTS` kinds, as a bit mask (bit i = kind i).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DefectKinds(pub u8);
+
+impl DefectKinds {
+    pub const ALL: DefectKinds = DefectKinds(0b1111);
+
+    /// Parses a comma-separated list of kind names.
+    pub fn parse(list: &str) -> Result<DefectKinds> {
+        let mut bits = 0u8;
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let i = VALIDATION_DEFECTS
+                .iter()
+                .position(|k| *k == name)
+                .with_context(|| {
+                    format!(
+                        "unknown defect kind `{name}`: choose from {}",
+                        VALIDATION_DEFECTS.join(", ")
+                    )
+                })?;
+            bits |= 1 << i;
+        }
+        if bits == 0 {
+            bail!(
+                "give at least one defect kind ({})",
+                VALIDATION_DEFECTS.join(", ")
+            );
+        }
+        Ok(DefectKinds(bits))
+    }
+
+    fn indices(self) -> Vec<usize> {
+        (0..VALIDATION_DEFECTS.len())
+            .filter(|i| self.0 & (1 << i) != 0)
+            .collect()
+    }
+
+    pub fn names(self) -> String {
+        self.indices()
+            .iter()
+            .map(|&i| VALIDATION_DEFECTS[i])
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct SynthOptions {
@@ -92,6 +145,10 @@ fn good_image(kind: usize, size: u32, rng: &mut Rng) -> RgbImage {
 fn add_defect(img: &mut RgbImage, defect: usize, rng: &mut Rng) -> GrayImage {
     let s = img.width() as f64;
     let mut mask = GrayImage::new(img.width(), img.height());
+    if defect == 3 {
+        add_crack(img, &mut mask, rng);
+        return mask;
+    }
     let (cx, cy) = (rng.range(0.25 * s, 0.75 * s), rng.range(0.25 * s, 0.75 * s));
     match defect {
         0 => {
@@ -133,6 +190,61 @@ fn add_defect(img: &mut RgbImage, defect: usize, rng: &mut Rng) -> GrayImage {
         }
     }
     mask
+}
+
+/// A crack: a random walk of short segments (1-2.4 px wide, darkened to 45%) starting
+/// anywhere but the outermost 5%, 20-50% of the image side long, forking once in half of
+/// the cases.
+fn add_crack(img: &mut RgbImage, mask: &mut GrayImage, rng: &mut Rng) {
+    let s = img.width().min(img.height()) as f64;
+    let step = (0.02 * s).max(1.5);
+    let half_width = rng.range(0.5, 1.2);
+    let walk = |rng: &mut Rng, mut x: f64, mut y: f64, mut angle: f64, len: f64| {
+        let mut segs = Vec::new();
+        let mut done = 0.0;
+        while done < len {
+            angle += rng.normal() * 0.2;
+            let (nx, ny) = (x + step * angle.cos(), y + step * angle.sin());
+            segs.push(((x, y), (nx, ny)));
+            (x, y) = (nx, ny);
+            done += step;
+        }
+        segs
+    };
+    let (x0, y0) = (rng.range(0.05 * s, 0.95 * s), rng.range(0.05 * s, 0.95 * s));
+    let angle = rng.range(0.0, 2.0 * std::f64::consts::PI);
+    let len = rng.range(0.2 * s, 0.5 * s);
+    let mut segs = walk(rng, x0, y0, angle, len);
+    if rng.uniform() < 0.5 && segs.len() > 2 {
+        let ((fx, fy), _) = segs[rng.below(segs.len())];
+        let turn = if rng.uniform() < 0.5 { -0.7 } else { 0.7 };
+        let more = walk(rng, fx, fy, angle + turn, len * 0.5);
+        segs.extend(more);
+    }
+    let (w, h) = (img.width() as i64, img.height() as i64);
+    for ((ax, ay), (bx, by)) in segs {
+        let (dx, dy) = (bx - ax, by - ay);
+        let l2 = (dx * dx + dy * dy).max(1e-9);
+        let pad = half_width + 1.0;
+        let x_lo = (ax.min(bx) - pad).floor().max(0.0) as i64;
+        let x_hi = ((ax.max(bx) + pad).ceil() as i64).min(w - 1);
+        let y_lo = (ay.min(by) - pad).floor().max(0.0) as i64;
+        let y_hi = ((ay.max(by) + pad).ceil() as i64).min(h - 1);
+        for y in y_lo..=y_hi {
+            for x in x_lo..=x_hi {
+                let (px, py) = (x as f64 - ax, y as f64 - ay);
+                let t = ((px * dx + py * dy) / l2).clamp(0.0, 1.0);
+                let (ex, ey) = (px - t * dx, py - t * dy);
+                if ex * ex + ey * ey <= half_width * half_width
+                    && mask.get_pixel(x as u32, y as u32).0[0] == 0
+                {
+                    let p = img.get_pixel_mut(x as u32, y as u32);
+                    *p = Rgb(p.0.map(|v| (v as f64 * 0.45) as u8));
+                    mask.put_pixel(x as u32, y as u32, Luma([255]));
+                }
+            }
+        }
+    }
 }
 
 fn save<P>(img: &image::ImageBuffer<P, Vec<u8>>, path: &Path) -> Result<()>
@@ -187,11 +299,22 @@ pub fn generate(o: &SynthOptions) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Paints a random synthetic defect on an image (used for validation positives), blended
-/// at `strength` (1: as `cras synth` paints it; 0.3: 30% of the way from the image to
-/// the defect, a subtler one for images where full-strength defects are all obvious).
-pub fn paint_random_defect(img: &mut RgbImage, rng: &mut Rng, strength: f64) -> GrayImage {
-    let d = rng.below(DEFECTS.len());
+/// Paints a random synthetic defect of one of `kinds` on an image (used for validation
+/// positives), blended at `strength` (1: as `cras synth` paints it; 0.3: 30% of the way
+/// from the image to the defect, a subtler one for images where full-strength defects
+/// are all obvious).
+pub fn paint_random_defect(
+    img: &mut RgbImage,
+    rng: &mut Rng,
+    strength: f64,
+    kinds: DefectKinds,
+) -> GrayImage {
+    let choices = kinds.indices();
+    let d = if choices.is_empty() {
+        0
+    } else {
+        choices[rng.below(choices.len())]
+    };
     let original = img.clone();
     let mask = add_defect(img, d, rng);
     let a = strength.clamp(0.0, 1.0);
@@ -214,12 +337,15 @@ mod tests {
     fn defect_strength_blends_only_inside_the_mask() {
         let base = good_image(0, 64, &mut Rng::new(3));
         let mut full = base.clone();
-        let mask = paint_random_defect(&mut full, &mut Rng::new(9), 1.0);
+        let mask = paint_random_defect(&mut full, &mut Rng::new(9), 1.0, DefectKinds::ALL);
         let mut none = base.clone();
-        assert_eq!(paint_random_defect(&mut none, &mut Rng::new(9), 0.0), mask);
+        assert_eq!(
+            paint_random_defect(&mut none, &mut Rng::new(9), 0.0, DefectKinds::ALL),
+            mask
+        );
         assert_eq!(none, base, "strength 0 paints nothing");
         let mut half = base.clone();
-        paint_random_defect(&mut half, &mut Rng::new(9), 0.5);
+        paint_random_defect(&mut half, &mut Rng::new(9), 0.5, DefectKinds::ALL);
         let mut inside = 0;
         for ((h, (b, f)), m) in half
             .pixels()
@@ -237,6 +363,33 @@ mod tests {
             }
         }
         assert!(inside > 0);
+    }
+
+    #[test]
+    fn cracks_are_thin_dark_and_only_where_asked() {
+        let kinds = DefectKinds::parse("crack").unwrap();
+        assert_eq!(kinds.names(), "crack");
+        for seed in 0..20 {
+            let base = RgbImage::from_pixel(128, 128, Rgb([200, 200, 200]));
+            let mut img = base.clone();
+            let mask = paint_random_defect(&mut img, &mut Rng::new(seed), 1.0, kinds);
+            let on = mask.pixels().filter(|p| p.0[0] == 255).count();
+            // 20-50% of the side long (plus a fork), 1-2.4 px wide: thin, never a blob.
+            assert!(
+                (15..128 * 128 / 20).contains(&on),
+                "seed {seed}: {on} mask pixels"
+            );
+            for ((p, b), m) in img.pixels().zip(base.pixels()).zip(mask.pixels()) {
+                if m.0[0] == 255 {
+                    assert_eq!(p.0, [90, 90, 90], "darkened to 45%");
+                } else {
+                    assert_eq!(p, b, "nothing painted outside the mask");
+                }
+            }
+        }
+        let err = DefectKinds::parse("scratch,dent").unwrap_err().to_string();
+        assert!(err.contains("`dent`") && err.contains("crack"), "{err}");
+        assert!(DefectKinds::parse(" , ").is_err());
     }
 
     #[test]

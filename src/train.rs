@@ -58,6 +58,8 @@ pub struct TrainOptions {
     pub val_fraction: f64,
     /// Blend of the validation positives' synthetic defects (1: full strength).
     pub val_defect_strength: f64,
+    /// The kinds of synthetic defect validation positives are drawn from.
+    pub val_defects: crate::synth::DefectKinds,
     pub seed: u64,
     pub resume: bool,
     pub engine_options: EngineOptions,
@@ -620,6 +622,7 @@ pub fn train(
                     s.path().to_path_buf(),
                     o.seed.wrapping_mul(1_000_003).wrapping_add(k as u64),
                     (o.val_defect_strength.clamp(0.0, 1.0) * 100.0).round() as u8,
+                    o.val_defects,
                 ),
                 *c,
             )
@@ -1007,6 +1010,7 @@ pub fn train(
         ("noise_k", o.noise_k.to_string()),
         ("val_fraction", o.val_fraction.to_string()),
         ("val_defect_strength", o.val_defect_strength.to_string()),
+        ("val_defects", o.val_defects.names()),
         ("embed_dim", d.to_string()),
         ("pretrain_embed_dim", o.pre_dim.to_string()),
     ] {
