@@ -206,7 +206,9 @@ struct TrainArgs {
     /// Network input size (square crop).
     #[arg(long, default_value_t = 288)]
     image_size: usize,
-    /// Shorter side before the crop [default: image size x 329/288, as the paper]
+    /// Shorter side before the centre crop [default: the image size, so a square frame is
+    /// inspected whole; the paper's 329 for 288 drops 6% of each edge, where defects can
+    /// be]
     #[arg(long)]
     resize: Option<usize>,
     /// Embedding width D [default: 384 for efficientnet_lite0, 1536 for the ResNets]
@@ -515,9 +517,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 _ => 1536,
             });
             let (mean, std) = normalization(a.normalization);
-            let resize = a
-                .resize
-                .unwrap_or((a.image_size as f64 * 329.0 / 288.0).round() as usize);
+            // Not the paper's 329/288 margin: a model that crops never sees the outer
+            // ring of each camera frame (docs/decisions.md, "Whole frame").
+            let resize = a.resize.unwrap_or(a.image_size);
             if resize < a.image_size {
                 bail!(
                     "--resize ({resize}) must be at least --image-size ({})",

@@ -34,7 +34,7 @@ fn one_alarm_per_defective_frame_then_a_clean_stop() {
     let expected: Vec<u64> = (1..=n_frames as u64)
         .filter(|i| line.defective[*i as usize - 1])
         .collect();
-    wait_for(90.0, "every frame to be judged", || {
+    wait_for(240.0, "every frame to be judged", || {
         frames_processed(http, "cam1") == n_frames as f64
     });
     wait_for(10.0, "the alarms", || {
