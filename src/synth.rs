@@ -145,13 +145,11 @@ fn good_image(kind: usize, size: u32, rng: &mut Rng) -> RgbImage {
 fn add_defect(img: &mut RgbImage, defect: usize, rng: &mut Rng) -> GrayImage {
     let s = img.width() as f64;
     let mut mask = GrayImage::new(img.width(), img.height());
-    if defect == 3 {
-        add_crack(img, &mut mask, rng);
-        return mask;
-    }
-    let (cx, cy) = (rng.range(0.25 * s, 0.75 * s), rng.range(0.25 * s, 0.75 * s));
+    // Scratch, spot and missing are centred in the middle half; a crack picks its own start.
+    let centre = |rng: &mut Rng| (rng.range(0.25 * s, 0.75 * s), rng.range(0.25 * s, 0.75 * s));
     match defect {
         0 => {
+            let (cx, cy) = centre(rng);
             // scratch: a dark line segment, 2-3 px wide
             let angle = rng.range(0.0, std::f64::consts::PI);
             let half = rng.range(0.12 * s, 0.25 * s);
@@ -168,6 +166,7 @@ fn add_defect(img: &mut RgbImage, defect: usize, rng: &mut Rng) -> GrayImage {
             }
         }
         1 => {
+            let (cx, cy) = centre(rng);
             // spot: a bright elliptical blob
             let (rx, ry) = (rng.range(0.04 * s, 0.08 * s), rng.range(0.04 * s, 0.08 * s));
             for (x, y, p) in img.enumerate_pixels_mut() {
@@ -178,7 +177,8 @@ fn add_defect(img: &mut RgbImage, defect: usize, rng: &mut Rng) -> GrayImage {
                 }
             }
         }
-        _ => {
+        2 => {
+            let (cx, cy) = centre(rng);
             // missing: a rectangle of the texture gone, flat dark background
             let (w, h) = (rng.range(0.08 * s, 0.16 * s), rng.range(0.08 * s, 0.16 * s));
             for (x, y, p) in img.enumerate_pixels_mut() {
@@ -188,6 +188,7 @@ fn add_defect(img: &mut RgbImage, defect: usize, rng: &mut Rng) -> GrayImage {
                 }
             }
         }
+        _ => add_crack(img, &mut mask, rng),
     }
     mask
 }
