@@ -62,9 +62,12 @@ done
 NOISE_GRID=${NOISE_GRID:-"0.2 0.4 0.8"}
 TRAIN_ARGS=${TRAIN_ARGS:-"--batch 16 --val-defects crack --val-defect-strength 0.3"}
 WORK="$BENCH_DIR/work"
+# Peak memory comes from GNU time (Debian package `time`); without it, none is printed.
+TIMER=()
+[ -x /usr/bin/time ] && TIMER=(/usr/bin/time -v)
 for R in $NOISE_GRID; do
     echo "--- train R=$R ($EPOCHS epochs)"
-    /usr/bin/time -v "$CRAS" train --data "$ROOT" --classes mono,poly --backbone efficientnet_lite0 \
+    "${TIMER[@]}" "$CRAS" train --data "$ROOT" --classes mono,poly --backbone efficientnet_lite0 \
         --normalization tflite --image-size 288 --embed-dim 384 --epochs "$EPOCHS" \
         --noise-relative "$R" --work "$WORK" --out "$BENCH_DIR/model-r$R" $TRAIN_ARGS \
         2> >(tee "$BENCH_DIR/train-r$R.log" >&2)
