@@ -268,6 +268,10 @@ struct TrainArgs {
     /// Threads for the embedding pass [default: all cores]
     #[arg(long)]
     threads: Option<usize>,
+    /// Device for the training steps: cpu, cuda (GPU 0) or cuda:N. CUDA needs a build
+    /// with `--features cuda`; the embedding pass runs on onnxruntime either way.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -575,6 +579,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     threads: a.threads,
                     batch: 8,
                 },
+                device: a.device.clone(),
             };
             cras::train::train(&opts, &data, interrupted)?;
             Ok(ExitCode::SUCCESS)

@@ -63,6 +63,36 @@ pub struct TrainOptions {
     pub seed: u64,
     pub resume: bool,
     pub engine_options: EngineOptions,
+    /// Where the training steps run: `cpu`, `cuda` or `cuda:N` (see [`parse_device`]).
+    /// The embedding pass always runs on the engine in `engine_options`.
+    pub device: String,
+}
+
+/// The compute device for the training steps from its name: `cpu`, `cuda` (GPU 0) or
+/// `cuda:N`. A CUDA name in a build without the `cuda` feature is refused with the
+/// rebuild command, rather than candle's generic "not compiled" error after minutes of
+/// embedding extraction.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let name = name.trim();
+    if name.eq_ignore_ascii_case("cpu") {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match name.to_ascii_lowercase().as_str() {
+        "cuda" => 0,
+        n => match n.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => i,
+            _ => bail!("unknown training device {name:?}: use cpu, cuda or cuda:N (N = GPU index)"),
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        bail!(
+            "training device {name:?} needs a cras built with the `cuda` feature \
+             (cargo build --release --features cuda, with the CUDA toolkit installed); \
+             this build trains on the cpu only"
+        );
+    }
+    Device::new_cuda(ordinal)
+        .with_context(|| format!("cannot open CUDA device {ordinal} for training"))
 }
 
 const BN_EPS: f64 = 1e-5;
@@ -577,7 +607,7 @@ pub fn train(
     classes: &[ClassData],
     interrupted: Arc<AtomicBool>,
 ) -> Result<Bundle> {
-    let dev = Device::Cpu;
+    let dev = parse_device(&o.device)?;
     let d = o.embed_dim;
     if d < 2 || !d.is_multiple_of(2) {
         bail!("--embed-dim must be an even number >= 2");
@@ -1013,6 +1043,7 @@ pub fn train(
         ("val_defects", o.val_defects.names()),
         ("embed_dim", d.to_string()),
         ("pretrain_embed_dim", o.pre_dim.to_string()),
+        ("device", o.device.trim().to_ascii_lowercase()),
     ] {
         options.insert(k.to_string(), v);
     }

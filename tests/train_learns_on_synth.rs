@@ -88,6 +88,7 @@ fn trains_evaluates_and_calibrates() {
     assert_eq!(t["epochs"].as_array().unwrap().len(), 12);
     let sel = t["selected_epoch"].as_u64().unwrap();
     assert!((1..=12).contains(&sel));
+    assert_eq!(t["options"]["device"], "cpu");
     assert_eq!(
         meta["classes"],
         serde_json::json!(["checker", "grain", "stripes"])
@@ -257,4 +258,41 @@ fn interrupt_saves_a_checkpoint_that_resume_finishes() {
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// A device this build cannot train on is refused up front, naming the device and what to
+/// do, before any image is read or any cache written.
+#[test]
+fn unusable_training_device_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synth(&data);
+    let bb = lite0_arg();
+    let mut cases = vec![("tpu", "use cpu, cuda or cuda:N"), ("cuda:x", "cuda:N")];
+    if cfg!(not(feature = "cuda")) {
+        cases.push(("cuda", "--features cuda"));
+        cases.push(("CUDA:1", "--features cuda"));
+    }
+    for (device, hint) in cases {
+        let (out, work) = (dir.path().join("model"), dir.path().join("work"));
+        let mut args = train_args(
+            data.to_str().unwrap(),
+            out.to_str().unwrap(),
+            work.to_str().unwrap(),
+            "1",
+        );
+        args[4] = &bb;
+        args.extend(["--device", device]);
+        let (code, _, err) = cras(&args);
+        assert_ne!(code, 0, "--device {device} was accepted");
+        assert!(
+            err.contains(device) && err.contains(hint),
+            "--device {device}: {err}"
+        );
+        assert!(!out.exists(), "--device {device} wrote a bundle");
+        assert!(
+            !work.join("train.features").exists(),
+            "--device {device} extracted features"
+        );
+    }
 }
