@@ -32,13 +32,20 @@ fn synth(dir: &Path) {
     assert_eq!(code, 0, "{err}");
 }
 
-fn train_args<'a>(data: &'a str, out: &'a str, work: &'a str, epochs: &'a str) -> Vec<&'a str> {
+/// `cras train` on the synthetic line; `backbone` is `lite0_arg()`.
+fn train_args<'a>(
+    backbone: &'a str,
+    data: &'a str,
+    out: &'a str,
+    work: &'a str,
+    epochs: &'a str,
+) -> Vec<&'a str> {
     vec![
         "train",
         "--data",
         data,
         "--backbone",
-        "efficientnet_lite0",
+        backbone,
         "--out",
         out,
         "--work",
@@ -71,13 +78,13 @@ fn trains_evaluates_and_calibrates() {
         dir.path().join("report"),
     );
     let bb = lite0_arg();
-    let mut args = train_args(
+    let args = train_args(
+        &bb,
         data.to_str().unwrap(),
         model.to_str().unwrap(),
         work.to_str().unwrap(),
         "12",
     );
-    args[4] = &bb;
     let (code, _, err) = cras(&args);
     assert_eq!(code, 0, "train failed: {err}");
     assert!(err.contains("selected epoch"), "{err}");
@@ -164,12 +171,12 @@ fn same_seed_same_model_and_resume_continues() {
         let out = dir.path().join(name);
         let work = dir.path().join(format!("{name}.work"));
         let mut args = train_args(
+            &bb,
             data.to_str().unwrap(),
             out.to_str().unwrap(),
             work.to_str().unwrap(),
             epochs,
         );
-        args[4] = &bb;
         if resume {
             args.push("--resume");
         }
@@ -201,13 +208,13 @@ fn interrupt_saves_a_checkpoint_that_resume_finishes() {
     synth(&data);
     let (out, work) = (dir.path().join("m"), dir.path().join("w"));
     let bb = lite0_arg();
-    let mut args = train_args(
+    let args = train_args(
+        &bb,
         data.to_str().unwrap(),
         out.to_str().unwrap(),
         work.to_str().unwrap(),
         "200",
     );
-    args[4] = &bb;
     let child = Command::new(cras_bin())
         .args(&args)
         .stderr(Stdio::piped())
@@ -239,12 +246,12 @@ fn interrupt_saves_a_checkpoint_that_resume_finishes() {
     assert!(done >= 1);
     let epochs = (done + 1).to_string();
     let mut args = train_args(
+        &bb,
         data.to_str().unwrap(),
         out.to_str().unwrap(),
         work.to_str().unwrap(),
         &epochs,
     );
-    args[4] = &bb;
     args.push("--resume");
     let (code, _, err) = cras(&args);
     assert_eq!(code, 0, "{err}");
@@ -276,12 +283,12 @@ fn unusable_training_device_is_refused_before_any_work() {
     for (device, hint) in cases {
         let (out, work) = (dir.path().join("model"), dir.path().join("work"));
         let mut args = train_args(
+            &bb,
             data.to_str().unwrap(),
             out.to_str().unwrap(),
             work.to_str().unwrap(),
             "1",
         );
-        args[4] = &bb;
         args.extend(["--device", device]);
         let (code, _, err) = cras(&args);
         assert_ne!(code, 0, "--device {device} was accepted");
