@@ -271,7 +271,7 @@ struct TrainArgs {
     /// Device for the training steps: cpu, cuda (GPU 0) or cuda:N. CUDA needs a build
     /// with `--features cuda`; the embedding pass runs on onnxruntime either way.
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
-    device: String,
+    device: cras::train::TrainDevice,
 }
 
 #[derive(Args)]
@@ -579,7 +579,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     threads: a.threads,
                     batch: 8,
                 },
-                device: a.device.clone(),
+                device: a.device,
             };
             cras::train::train(&opts, &data, interrupted)?;
             Ok(ExitCode::SUCCESS)

@@ -63,36 +63,65 @@ pub struct TrainOptions {
     pub seed: u64,
     pub resume: bool,
     pub engine_options: EngineOptions,
-    /// Where the training steps run: `cpu`, `cuda` or `cuda:N` (see [`parse_device`]).
-    /// The embedding pass always runs on the engine in `engine_options`.
-    pub device: String,
+    /// Where the training steps run. The embedding pass always runs on the engine in
+    /// `engine_options`.
+    pub device: TrainDevice,
 }
 
-/// The compute device for the training steps from its name: `cpu`, `cuda` (GPU 0) or
-/// `cuda:N`. A CUDA name in a build without the `cuda` feature is refused with the
-/// rebuild command, rather than candle's generic "not compiled" error after minutes of
-/// embedding extraction.
-pub fn parse_device(name: &str) -> Result<Device> {
-    let name = name.trim();
-    if name.eq_ignore_ascii_case("cpu") {
-        return Ok(Device::Cpu);
+/// The compute device for the training steps, parsed once from `cpu`, `cuda` (GPU 0) or
+/// `cuda:N`; shown back in that form (model.yaml provenance).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainDevice {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for TrainDevice {
+    type Err = anyhow::Error;
+
+    /// A CUDA name in a build without the `cuda` feature is refused here, with the
+    /// rebuild command, rather than by candle's generic "not compiled" error after
+    /// minutes of embedding extraction.
+    fn from_str(name: &str) -> Result<Self> {
+        let lower = name.trim().to_ascii_lowercase();
+        let device = match lower.as_str() {
+            "cpu" => return Ok(TrainDevice::Cpu),
+            "cuda" => TrainDevice::Cuda(0),
+            n => match n.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => TrainDevice::Cuda(i),
+                _ => bail!(
+                    "unknown training device {name:?}: use cpu, cuda or cuda:N (N = GPU index)"
+                ),
+            },
+        };
+        if !cfg!(feature = "cuda") {
+            bail!(
+                "training device {name:?} needs a cras built with the `cuda` feature \
+                 (cargo build --release --features cuda, with the CUDA toolkit installed); \
+                 this build trains on the cpu only"
+            );
+        }
+        Ok(device)
     }
-    let ordinal = match name.to_ascii_lowercase().as_str() {
-        "cuda" => 0,
-        n => match n.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => i,
-            _ => bail!("unknown training device {name:?}: use cpu, cuda or cuda:N (N = GPU index)"),
-        },
-    };
-    if !cfg!(feature = "cuda") {
-        bail!(
-            "training device {name:?} needs a cras built with the `cuda` feature \
-             (cargo build --release --features cuda, with the CUDA toolkit installed); \
-             this build trains on the cpu only"
-        );
+}
+
+impl std::fmt::Display for TrainDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TrainDevice::Cpu => f.write_str("cpu"),
+            TrainDevice::Cuda(i) => write!(f, "cuda:{i}"),
+        }
     }
-    Device::new_cuda(ordinal)
-        .with_context(|| format!("cannot open CUDA device {ordinal} for training"))
+}
+
+impl TrainDevice {
+    fn open(self) -> Result<Device> {
+        match self {
+            TrainDevice::Cpu => Ok(Device::Cpu),
+            TrainDevice::Cuda(i) => Device::new_cuda(i)
+                .with_context(|| format!("cannot open CUDA device {i} for training")),
+        }
+    }
 }
 
 const BN_EPS: f64 = 1e-5;
@@ -607,7 +636,7 @@ pub fn train(
     classes: &[ClassData],
     interrupted: Arc<AtomicBool>,
 ) -> Result<Bundle> {
-    let dev = parse_device(&o.device)?;
+    let dev = o.device.open()?;
     let d = o.embed_dim;
     if d < 2 || !d.is_multiple_of(2) {
         bail!("--embed-dim must be an even number >= 2");
@@ -1043,7 +1072,7 @@ pub fn train(
         ("val_defects", o.val_defects.names()),
         ("embed_dim", d.to_string()),
         ("pretrain_embed_dim", o.pre_dim.to_string()),
-        ("device", o.device.trim().to_ascii_lowercase()),
+        ("device", o.device.to_string()),
     ] {
         options.insert(k.to_string(), v);
     }
