@@ -15,7 +15,7 @@
 //! efficientnet_lite0` and ../shared/fixtures). BENCH_SECS (default 30) per load;
 //! BENCH_RSS_SECS (default 600) for the memory run, 0 to skip it.
 
-use cras::daemon::telemetry::bucket_quantile;
+use cras::daemon::prometheus::bucket_quantile;
 use cras::engine::{CrasOutputs, EngineKind, EngineOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

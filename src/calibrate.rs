@@ -101,7 +101,7 @@ fn good_images(bundle: &Bundle, classes: &[ClassData]) -> Result<Vec<Vec<PathBuf
             .get("val_fraction")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.1);
-        let split = crate::train::holdout_split(classes, t.seed, fraction)?;
+        let split = crate::dataset::holdout_split(classes, t.seed, fraction)?;
         if split.iter().all(|(_, v)| !v.is_empty()) {
             return Ok(split.into_iter().map(|(_, v)| v).collect());
         }
@@ -202,7 +202,7 @@ fn labelled_thresholds(
         let mut lab = Vec::with_capacity(s.pixels.len());
         for t in &c.test {
             match &t.mask {
-                Some(m) => lab.extend(crate::eval::load_mask(m, spec)?),
+                Some(m) => lab.extend(crate::dataset::load_mask(m, spec)?),
                 None => lab.extend(std::iter::repeat_n(false, spec.height * spec.width)),
             }
         }

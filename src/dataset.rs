@@ -2,6 +2,7 @@
 //! `<class>/train/good/*`, `<class>/test/<good|defect type>/*`,
 //! `<class>/ground_truth/<defect type>/<name>_mask.png`.
 
+use crate::rng::Rng;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 
@@ -125,4 +126,44 @@ pub fn discover_classes(root: &Path) -> Result<Vec<String>> {
         );
     }
     Ok(v)
+}
+
+/// A ground-truth mask through the images' resize and crop, as booleans (> 127).
+pub fn load_mask(path: &Path, spec: &crate::preprocess::InputSpec) -> Result<Vec<bool>> {
+    let m = image::open(path)
+        .with_context(|| format!("cannot read mask {}", path.display()))?
+        .to_rgb8();
+    let crop = crate::preprocess::resize_and_crop(&m, spec);
+    Ok(crop.pixels().map(|p| p.0[0] > 127).collect())
+}
+
+/// The seeded per-class hold-out of good training images: (training, validation) paths
+/// per class. `cras calibrate` calls it with the bundle's recorded seed and fraction to
+/// find the same validation images.
+pub fn holdout_split(
+    classes: &[ClassData],
+    seed: u64,
+    fraction: f64,
+) -> Result<Vec<(Vec<PathBuf>, Vec<PathBuf>)>> {
+    let mut rng = Rng::new(seed ^ 0x484f_4c44_4f55_5421);
+    let mut out = Vec::new();
+    for c in classes {
+        if c.train_good.len() < 2 {
+            bail!(
+                "class `{}` has {} training images; at least 2 are needed",
+                c.name,
+                c.train_good.len()
+            );
+        }
+        let mut imgs = c.train_good.clone();
+        rng.shuffle(&mut imgs);
+        let n_val = if fraction > 0.0 {
+            ((imgs.len() as f64 * fraction).round() as usize).clamp(1, imgs.len() - 1)
+        } else {
+            0
+        };
+        let train = imgs.split_off(n_val);
+        out.push((train, imgs));
+    }
+    Ok(out)
 }

@@ -63,15 +63,6 @@ struct Scored {
     mask: Option<Vec<bool>>,
 }
 
-/// A ground-truth mask through the images' resize and crop, as booleans (> 127).
-pub fn load_mask(path: &Path, spec: &InputSpec) -> Result<Vec<bool>> {
-    let m = image::open(path)
-        .with_context(|| format!("cannot read mask {}", path.display()))?
-        .to_rgb8();
-    let crop = preprocess::resize_and_crop(&m, spec);
-    Ok(crop.pixels().map(|p| p.0[0] > 127).collect())
-}
-
 fn mean_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     let v: Vec<f64> = values.flatten().collect();
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
@@ -113,7 +104,7 @@ fn score_class(
         let o = CrasOutputs::from_named(engine.run(&input, [run_n, 3, spec.height, spec.width])?)?;
         for (i, item) in items.into_iter().enumerate() {
             let mask = match &item.mask {
-                Some(p) => Some(load_mask(p, spec)?),
+                Some(p) => Some(crate::dataset::load_mask(p, spec)?),
                 None if !item.is_defect() => Some(vec![false; spec.height * spec.width]),
                 None => None,
             };

@@ -85,14 +85,14 @@ fn source(path: &Path) -> Result<SourceFile> {
     })
 }
 
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 pub fn import_reference(opts: &ImportOptions) -> Result<Bundle> {
+    if opts.input.resize < opts.input.height {
+        bail!(
+            "--resize ({}) must be at least --image-size ({})",
+            opts.input.resize,
+            opts.input.height
+        );
+    }
     tracing::info!(
         "reading backbone {} from {}",
         opts.backbone.kind.name(),
@@ -148,7 +148,7 @@ pub fn import_reference(opts: &ImportOptions) -> Result<Bundle> {
         thresholds: BTreeMap::new(),
         provenance: Provenance {
             created_by: format!("cras {} import-reference", env!("CARGO_PKG_VERSION")),
-            created_at: unix_now(),
+            created_at: crate::clock::unix_secs(),
             sources,
             notes,
             training: None,

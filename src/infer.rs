@@ -5,7 +5,7 @@ use crate::engine::{CrasOutputs, Engine, EngineKind, EngineOptions};
 use crate::model::bundle::Bundle;
 use crate::overlay;
 use crate::preprocess;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -79,6 +79,9 @@ fn with_suffix(stem: &Path, suffix: &str) -> PathBuf {
 
 /// Runs inference; returns the number of images that failed.
 pub fn run(opts: &InferOptions) -> Result<usize> {
+    if opts.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
     let bundle = Bundle::read(&opts.model)?;
     let spec = bundle.meta.input.clone();
     let mut engine: Box<dyn Engine> = opts

@@ -2,28 +2,23 @@
 //! Anomaly Synthesis). This crate holds the model tool chain (weights, graph builder,
 //! bundles, engines, pre-processing) behind the `cras` binary.
 
-pub mod alarm;
 pub mod backbone;
 pub mod calibrate;
-pub mod config;
+pub mod clock;
 pub mod daemon;
 pub mod dataset;
 pub mod demo;
 pub mod engine;
 pub mod eval;
-pub mod features;
 pub mod import;
 pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod onnx;
 pub mod overlay;
-pub mod pipeline_template;
-pub mod postprocess;
 pub mod preprocess;
 pub mod rng;
 pub mod setup;
-pub mod spool;
 pub mod synth;
 pub mod train;
 pub mod weights;

@@ -24,6 +24,39 @@ pub struct InputSpec {
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
+/// How pixels are scaled for the network: the statistics its backbone was trained with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Normalization {
+    /// ImageNet mean/std (what the reference's loader always uses).
+    Imagenet,
+    /// (pixel - 127) / 128, the scaling TF-Lite EfficientNet weights were trained with.
+    Tflite,
+}
+
+impl Normalization {
+    /// Per-channel (mean, std) applied to pixel / 255.
+    pub fn mean_std(self) -> ([f32; 3], [f32; 3]) {
+        match self {
+            Normalization::Imagenet => (IMAGENET_MEAN, IMAGENET_STD),
+            Normalization::Tflite => ([127.0 / 255.0; 3], [128.0 / 255.0; 3]),
+        }
+    }
+}
+
+impl InputSpec {
+    /// A square input of `size` pixels from a shorter side resized to `resize`.
+    pub fn square(size: usize, resize: usize, normalization: Normalization) -> InputSpec {
+        let (mean, std) = normalization.mean_std();
+        InputSpec {
+            height: size,
+            width: size,
+            resize,
+            mean,
+            std,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("cannot read image {path}: {reason}")]

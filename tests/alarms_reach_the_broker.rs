@@ -87,9 +87,9 @@ fn one_alarm_per_defective_frame_then_a_clean_stop() {
         let map = f32s(&dir.join("infer").join(format!("{stem}.map.npy")));
         let bundle = cras::model::bundle::Bundle::read(&line.model).unwrap();
         let spec = &bundle.meta.input;
-        let g = cras::postprocess::CropGeometry::for_frame(128, 128, spec);
+        let g = cras::daemon::regions::CropGeometry::for_frame(128, 128, spec);
         let want =
-            cras::postprocess::regions(&map, spec.width, spec.height, line.pixel_threshold, &g);
+            cras::daemon::regions::regions(&map, spec.width, spec.height, line.pixel_threshold, &g);
         let got = a["regions"].as_array().unwrap();
         assert_eq!(got.len(), want.len().min(32), "{a}");
         assert_eq!(a["regions_total"].as_u64(), Some(want.len() as u64));

@@ -185,3 +185,70 @@ fn shipped_config_is_valid_once_its_model_exists() {
     let (code, out) = check(dir.path(), &yaml);
     assert_eq!(code, 0, "{out}");
 }
+
+/// What the publisher would refuse at start (an MQTT URL it cannot parse, a CA file with
+/// no certificate, a client key that is not a key) fails `check-config` (the unit's
+/// ExecStartPre) with the key named, instead of passing and failing at start.
+#[test]
+fn what_the_publisher_refuses_fails_the_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = bundle(dir.path());
+    let good = GOOD
+        .replace("MODEL", model.to_str().unwrap())
+        .replace("SPOOL", dir.path().join("spool").to_str().unwrap());
+    let not_a_cert = dir.path().join("ca.pem");
+    std::fs::write(&not_a_cert, "this is not a certificate\n").unwrap();
+    let tls = |ca: &Path, extra: &str| {
+        good.replace(
+            "  url: mqtt://127.0.0.1:1883\n",
+            &format!(
+                "  url: mqtts://127.0.0.1:8883\n  tls: {{ca: {}{extra}}}\n",
+                ca.display()
+            ),
+        )
+    };
+    let cases: Vec<(String, &[&str])> = vec![
+        (
+            good.replace("mqtt://127.0.0.1:1883", "mqtt://127.0.0.1:99999"),
+            &["mqtt.url", "99999", "port"],
+        ),
+        (
+            good.replace("mqtt://127.0.0.1:1883", "mqtt://broker:port"),
+            &["mqtt.url", "port"],
+        ),
+        (
+            good.replace("mqtt://127.0.0.1:1883", "mqtt://:1883"),
+            &["mqtt.url", "no host"],
+        ),
+        (
+            tls(&not_a_cert, ""),
+            &["mqtt.tls.ca", "no certificate", "ca.pem"],
+        ),
+        (
+            tls(&dir.path().join("missing.pem"), ""),
+            &["mqtt.tls.ca", "missing.pem"],
+        ),
+    ];
+    for (yaml, needles) in &cases {
+        let (code, out) = check(dir.path(), yaml);
+        assert_ne!(code, 0, "accepted a config the publisher refuses:\n{yaml}");
+        for n in *needles {
+            assert!(out.contains(n), "error does not name `{n}`:\n{out}");
+        }
+    }
+    // A real CA passes: the same files the publisher loads at start.
+    let ca = dir.path().join("real-ca.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=cras-test-ca", "-keyout"])
+        .arg(dir.path().join("real-ca.key"))
+        .arg("-out")
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "openssl: {made:?}");
+    let (code, out) = check(dir.path(), &tls(&ca, ""));
+    assert_eq!(code, 0, "{out}");
+}

@@ -47,6 +47,16 @@ impl BackboneKind {
             })
     }
 
+    /// The embedding width D a model on this backbone gets unless told otherwise: the
+    /// paper's 1536 for the ResNets; 384 for Lite0, whose two stages have 40 + 112
+    /// channels, so a wider embedding would only repeat them.
+    pub fn default_embed_dim(self) -> usize {
+        match self {
+            BackboneKind::EfficientnetLite0 => 384,
+            _ => 1536,
+        }
+    }
+
     /// BatchNorm momentum of the original training code (used to replay the reference's
     /// train-mode pass): torchvision 0.1, EfficientNet (TF port) 0.01.
     pub fn bn_momentum(self) -> f64 {

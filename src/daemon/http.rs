@@ -1,11 +1,44 @@
 //! The integrator's HTTP endpoints: `/metrics` (Prometheus text) and `/healthz` (200
 //! only when every camera is running and a model is loaded; the body says why not).
 
+use super::config::Invalid;
 use super::telemetry::Telemetry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of /metrics and /healthz.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+        }
+    }
+}
+
+impl HttpConfig {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        self.listen.parse::<std::net::SocketAddr>().map_err(|_| {
+            Invalid::new(
+                "http.listen",
+                format!("`{}` is not an address like 127.0.0.1:9464", self.listen),
+            )
+        })?;
+        Ok(())
+    }
+}
 
 pub struct HttpServer {
     pub addr: std::net::SocketAddr,
@@ -66,7 +99,7 @@ fn respond(req: tiny_http::Request, telemetry: &Telemetry) {
     };
     let resp = match (req.method(), path.as_str()) {
         (tiny_http::Method::Get, "/metrics") => text(
-            telemetry.prometheus(),
+            super::prometheus::render(telemetry),
             200,
             "text/plain; version=0.0.4; charset=utf-8",
         ),

@@ -4,13 +4,132 @@
 //! camera cannot starve a quiet one.
 
 use super::capture::Frame;
-use super::telemetry::{CameraTelemetry, Telemetry};
+use super::config::{Invalid, resolve};
+use super::telemetry::{CameraTelemetry, Latency, Stage, Telemetry};
+use crate::engine::EngineKind;
 use crate::engine::{CrasOutputs, Engine};
+use crate::model::bundle::{Bundle, ClassThresholds};
 use crate::preprocess::{InputSpec, normalise_into, resize_and_crop};
 use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Bundle directory (model.onnx + model.yaml).
+    pub bundle: PathBuf,
+    #[serde(default = "default_engine")]
+    pub engine: EngineKind,
+    /// libonnxruntime.so (default: ORT_DYLIB_PATH, else the `cras setup` library).
+    #[serde(default)]
+    pub ort_lib: Option<PathBuf>,
+    /// Inference threads (default: all cores).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// Per-class threshold overrides (else the bundle's calibrated ones).
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, ClassThresholds>,
+}
+
+fn default_engine() -> EngineKind {
+    EngineKind::Onnxruntime
+}
+
+impl ModelConfig {
+    /// Resolves the bundle path against `base`, reads the bundle, and checks that every
+    /// class the model can see has an alarm threshold (an override here, else the
+    /// bundle's calibrated one) before the first frame.
+    pub fn validate(&mut self, base: &Path) -> Result<Bundle, Invalid> {
+        self.bundle = resolve(base, &self.bundle);
+        let bundle =
+            Bundle::read(&self.bundle).map_err(|e| Invalid::new("model.bundle", e.to_string()))?;
+        if self.threads == Some(0) {
+            return Err(Invalid::new("model.threads", "must be at least 1"));
+        }
+        let classes = &bundle.meta.classes;
+        for (class, t) in &self.thresholds {
+            if !classes.contains(class) {
+                return Err(Invalid::new(
+                    format!("model.thresholds.{class}"),
+                    format!("not a class of the model ({})", classes.join(", ")),
+                ));
+            }
+            if !t.image.is_finite() {
+                return Err(Invalid::new(
+                    format!("model.thresholds.{class}.image"),
+                    "must be a number",
+                ));
+            }
+        }
+        for class in classes {
+            if !self.thresholds.contains_key(class) && !bundle.meta.thresholds.contains_key(class) {
+                return Err(Invalid::new(
+                    format!("model.thresholds.{class}"),
+                    format!(
+                        "the model has no calibrated threshold for class `{class}`: run `cras calibrate --model {}` or set model.thresholds.{class}.image",
+                        self.bundle.display()
+                    ),
+                ));
+            }
+        }
+        Ok(bundle)
+    }
+
+    /// The alarm threshold of each class of `bundle`: the override, else the calibrated.
+    pub fn thresholds(&self, bundle: &Bundle) -> BTreeMap<String, ClassThresholds> {
+        bundle
+            .meta
+            .classes
+            .iter()
+            .filter_map(|class| {
+                self.thresholds
+                    .get(class)
+                    .or_else(|| bundle.meta.thresholds.get(class))
+                    .map(|t| (class.clone(), t.clone()))
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Frames per engine call at most (across cameras).
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// How long the first frame of a batch waits for more, in milliseconds.
+    #[serde(default = "default_max_wait_ms")]
+    pub max_wait_ms: u64,
+}
+
+fn default_max_batch() -> usize {
+    4
+}
+fn default_max_wait_ms() -> u64 {
+    20
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig {
+            max_batch: default_max_batch(),
+            max_wait_ms: default_max_wait_ms(),
+        }
+    }
+}
+
+impl BatchingConfig {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.max_batch == 0 {
+            return Err(Invalid::new("batching.max_batch", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
 
 /// One frame's model outputs.
 pub struct Inferred {
@@ -52,7 +171,7 @@ impl InferenceStage {
         let mut open = vec![true; self.queues.len()];
         let mut next_camera = 0;
         loop {
-            self.telemetry.beat(0);
+            self.telemetry.beat(Stage::Inference);
             if !open.iter().any(|o| *o) {
                 if self.stopping.load(Ordering::Relaxed) {
                     break;
@@ -164,9 +283,9 @@ impl InferenceStage {
         for (i, f) in batch.into_iter().enumerate() {
             let queue_ms = started.duration_since(f.captured).as_secs_f64() * 1e3;
             let preprocess_ms = prepare_ms[i];
-            self.telemetry.observe(0, queue_ms);
-            self.telemetry.observe(1, preprocess_ms);
-            self.telemetry.observe(2, inference_ms);
+            self.telemetry.observe(Latency::Queue, queue_ms);
+            self.telemetry.observe(Latency::Preprocess, preprocess_ms);
+            self.telemetry.observe(Latency::Inference, inference_ms);
             let r = Inferred {
                 camera: f.camera,
                 number: f.number,

@@ -1,12 +1,12 @@
-//! Post-processing stage: the verdict of each frame against its class's thresholds
+//! The judging stage: the verdict of each frame against its class's thresholds
 //! (configuration overrides, else the bundle's calibrated ones), defect regions in frame
 //! pixels, a log line per anomalous frame, and the hand-over to the publisher.
 
 use super::inference::Inferred;
-use super::telemetry::{CameraTelemetry, Telemetry};
-use crate::alarm::StageLatencies;
+use super::telemetry::{CameraTelemetry, Latency, Stage, Telemetry};
+use crate::daemon::publish::payload::StageLatencies;
+use crate::daemon::regions::{CropGeometry, Verdict, judge};
 use crate::model::bundle::ClassThresholds;
-use crate::postprocess::{CropGeometry, Verdict, judge};
 use crate::preprocess::InputSpec;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::BTreeMap;
@@ -49,7 +49,7 @@ impl JudgingStage {
     pub fn run(self) {
         let mut last_summary = Instant::now();
         loop {
-            self.telemetry.beat(1);
+            self.telemetry.beat(Stage::Judging);
             if last_summary.elapsed() >= SUMMARY_EVERY {
                 last_summary = Instant::now();
                 for c in &self.cameras {
@@ -99,10 +99,10 @@ impl JudgingStage {
             };
             let geometry = CropGeometry::for_frame(r.width, r.height, &self.spec);
             let verdict = judge(r.score, &r.map, r.map_hw, t, &geometry);
-            let postprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let judging_ms = t0.elapsed().as_secs_f64() * 1e3;
             let end_to_end_ms = r.captured.elapsed().as_secs_f64() * 1e3;
-            self.telemetry.observe(3, postprocess_ms);
-            self.telemetry.observe(4, end_to_end_ms);
+            self.telemetry.observe(Latency::Judging, judging_ms);
+            self.telemetry.observe(Latency::EndToEnd, end_to_end_ms);
             cam.frames_processed.fetch_add(1, Ordering::Relaxed);
             if verdict.anomalous {
                 cam.frames_anomalous.fetch_add(1, Ordering::Relaxed);
@@ -135,7 +135,7 @@ impl JudgingStage {
                     queue_ms: round3(r.queue_ms),
                     preprocess_ms: round3(r.preprocess_ms),
                     inference_ms: round3(r.inference_ms),
-                    postprocess_ms: round3(postprocess_ms),
+                    judging_ms: round3(judging_ms),
                 },
             };
             if self.out.send(judged).is_err() {

@@ -14,16 +14,19 @@
 //! outlive reloads unless the MQTT or spool settings change.
 
 pub mod capture;
+pub mod config;
 pub mod http;
 pub mod inference;
 pub mod judging;
+pub mod prometheus;
 pub mod publish;
+pub mod regions;
 pub mod telemetry;
 
-use crate::config::{Config, ValidConfig};
 use crate::engine::{Engine, EngineOptions};
 use crate::model::bundle::ClassThresholds;
 use anyhow::{Context, Result};
+use config::{Config, ValidConfig};
 use crossbeam_channel::Sender;
 use gstreamer as gst;
 use judging::Judged;
@@ -74,17 +77,7 @@ pub fn prepare(opts: &RunOptions) -> Result<Prepared> {
                 c.model.engine.name()
             )
         })?;
-    let mut thresholds = BTreeMap::new();
-    for class in &valid.bundle.meta.classes {
-        if let Some(t) = c
-            .model
-            .thresholds
-            .get(class)
-            .or_else(|| valid.bundle.meta.thresholds.get(class))
-        {
-            thresholds.insert(class.clone(), t.clone());
-        }
-    }
+    let thresholds = c.model.thresholds(&valid.bundle);
     let publisher = PublisherSettings {
         mqtt: c.mqtt.clone(),
         password: valid.password.clone(),
@@ -92,9 +85,6 @@ pub fn prepare(opts: &RunOptions) -> Result<Prepared> {
         site: c.device.site.clone(),
         device: c.device.id.clone(),
     };
-    // Surface URL and TLS mistakes now, not when the publisher (re)starts.
-    let topics = crate::alarm::Topics::new(&c.mqtt.topic_prefix, &c.device.site, &c.device.id);
-    publish::mqtt_options(&publisher, &topics)?;
     Ok(Prepared {
         valid,
         engine,
@@ -345,7 +335,8 @@ pub fn run(opts: &RunOptions) -> Result<()> {
             } else if !stalled_logged {
                 stalled_logged = true;
                 tracing::error!(
-                    "the {stage} stage has not moved for {age:.0} s; not petting the watchdog"
+                    "the {} stage has not moved for {age:.0} s; not petting the watchdog",
+                    stage.name()
                 );
             }
         }

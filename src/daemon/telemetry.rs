@@ -4,7 +4,6 @@
 //! Stages only add to counters and set states; nothing here is a channel or a lock held
 //! across work.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -85,14 +84,59 @@ impl CameraTelemetry {
     }
 }
 
-/// Latency stages of a frame, in the order they happen.
-pub const STAGES: [&str; 5] = [
-    "queue",
-    "preprocess",
-    "inference",
-    "postprocess",
-    "end_to_end",
-];
+/// A span of a frame's life timed into a latency histogram, in the order they happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Latency {
+    /// Waiting in the camera's queue for inference.
+    Queue,
+    Preprocess,
+    Inference,
+    /// Thresholds, regions and the verdict.
+    Judging,
+    /// From capture to the verdict.
+    EndToEnd,
+}
+
+impl Latency {
+    pub const ALL: [Latency; 5] = [
+        Latency::Queue,
+        Latency::Preprocess,
+        Latency::Inference,
+        Latency::Judging,
+        Latency::EndToEnd,
+    ];
+
+    /// The `stage` label in `/metrics`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Latency::Queue => "queue",
+            Latency::Preprocess => "preprocess",
+            Latency::Inference => "inference",
+            Latency::Judging => "judging",
+            Latency::EndToEnd => "end_to_end",
+        }
+    }
+}
+
+/// A stage thread whose loop must keep turning for the watchdog to be petted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Inference,
+    Judging,
+    Publish,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 3] = [Stage::Inference, Stage::Judging, Stage::Publish];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Inference => "inference",
+            Stage::Judging => "judging",
+            Stage::Publish => "publish",
+        }
+    }
+}
 
 /// Upper bounds (ms) of the latency histogram buckets.
 pub const BUCKETS_MS: [f64; 22] = [
@@ -108,35 +152,20 @@ pub struct Histogram {
     sum: f64,
 }
 
-/// The q-quantile of a Prometheus histogram from its cumulative `(le, count)` buckets
-/// (the last one `+Inf`), interpolated linearly within the bucket as Prometheus'
-/// `histogram_quantile` does.
-pub fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
-    let total = buckets.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    let rank = q * total;
-    let mut prev = (0.0, 0.0);
-    for &(le, cum) in buckets {
-        if cum >= rank {
-            if le.is_infinite() {
-                return Some(prev.0);
-            }
-            let width = cum - prev.1;
-            let frac = if width > 0.0 {
-                (rank - prev.1) / width
-            } else {
-                1.0
-            };
-            return Some(prev.0 + (le - prev.0) * frac);
-        }
-        prev = (le, cum);
-    }
-    None
-}
-
 impl Histogram {
+    /// Observations per bucket of [`BUCKETS_MS`] (not cumulative).
+    pub fn counts(&self) -> &[u64; BUCKETS_MS.len()] {
+        &self.counts
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn sum(&self) -> f64 {
+        self.sum
+    }
+
     pub fn observe(&mut self, ms: f64) {
         if let Some(i) = BUCKETS_MS.iter().position(|b| ms <= *b) {
             self.counts[i] += 1;
@@ -149,13 +178,15 @@ impl Histogram {
 pub struct Telemetry {
     started: Instant,
     cameras: RwLock<Vec<Arc<CameraTelemetry>>>,
-    latency: Mutex<[Histogram; STAGES.len()]>,
+    latency: Mutex<[Histogram; Latency::ALL.len()]>,
     pub model_id: Mutex<String>,
     pub model_loaded: AtomicBool,
     pub broker_connected: AtomicBool,
     pub alarms_total: AtomicU64,
     pub alarms_acknowledged: AtomicU64,
     pub alarms_evicted: AtomicU64,
+    /// Alarms that could not be stored (spool write or encoding failed).
+    pub alarms_failed: AtomicU64,
     pub alarms_spooled: AtomicU64,
     pub spool_bytes: AtomicU64,
     pub results_published: AtomicU64,
@@ -166,11 +197,8 @@ pub struct Telemetry {
     pub last_reload_error: Mutex<Option<String>>,
     /// Something the health message reports changed (camera state, reload).
     pub changed: AtomicBool,
-    heartbeats: [AtomicU64; HEARTBEATS.len()],
+    heartbeats: [AtomicU64; Stage::ALL.len()],
 }
-
-/// Threads whose loops must keep turning for the watchdog to be petted.
-pub const HEARTBEATS: [&str; 3] = ["infer", "postprocess", "publish"];
 
 impl Default for Telemetry {
     fn default() -> Self {
@@ -190,6 +218,7 @@ impl Telemetry {
             alarms_total: AtomicU64::new(0),
             alarms_acknowledged: AtomicU64::new(0),
             alarms_evicted: AtomicU64::new(0),
+            alarms_failed: AtomicU64::new(0),
             alarms_spooled: AtomicU64::new(0),
             spool_bytes: AtomicU64::new(0),
             results_published: AtomicU64::new(0),
@@ -232,30 +261,39 @@ impl Telemetry {
         }
     }
 
-    pub fn observe(&self, stage: usize, ms: f64) {
+    pub fn observe(&self, span: Latency, ms: f64) {
         if let Ok(mut h) = self.latency.lock() {
-            h[stage].observe(ms);
+            h[span as usize].observe(ms);
         }
     }
 
-    /// Marks that thread `HEARTBEATS[i]` went round its loop.
-    pub fn beat(&self, i: usize) {
-        self.heartbeats[i].store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    /// The latency histograms, in [`Latency::ALL`] order.
+    pub fn latencies(&self) -> [Histogram; Latency::ALL.len()] {
+        self.latency.lock().map(|h| h.clone()).unwrap_or_default()
     }
 
-    /// Seconds since the least recent heartbeat, with its thread's name.
-    pub fn stalest(&self) -> (&'static str, f64) {
+    /// Marks that `stage`'s thread went round its loop.
+    pub fn beat(&self, stage: Stage) {
+        self.heartbeats[stage as usize]
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The stage whose loop turned least recently, and how many seconds ago.
+    pub fn stalest(&self) -> (Stage, f64) {
         let now = self.started.elapsed().as_millis() as u64;
-        HEARTBEATS
+        Stage::ALL
             .iter()
             .zip(&self.heartbeats)
-            .map(|(n, b)| {
+            .map(|(s, b)| {
                 (
-                    *n,
+                    *s,
                     now.saturating_sub(b.load(Ordering::Relaxed)) as f64 / 1e3,
                 )
             })
-            .fold(("", 0.0), |a, b| if b.1 >= a.1 { b } else { a })
+            .fold(
+                (Stage::Inference, 0.0),
+                |a, b| if b.1 >= a.1 { b } else { a },
+            )
     }
 
     /// Why the daemon is not healthy, or None: every camera running and a model loaded.
@@ -279,229 +317,10 @@ impl Telemetry {
         why
     }
 
-    /// The periodic MQTT `health` payload.
-    pub fn health_json(&self, device: &str, site: &str, spool_queued: usize) -> serde_json::Value {
-        let problems = self.unhealthy_reasons();
-        let cams: Vec<serde_json::Value> = self
-            .cameras()
-            .iter()
-            .map(|c| {
-                serde_json::json!({
-                    "camera": c.id,
-                    "status": c.state(),
-                    "frames_in": c.frames_in.load(Ordering::Relaxed),
-                    "frames_processed": c.frames_processed.load(Ordering::Relaxed),
-                    "frames_dropped": c.frames_dropped.load(Ordering::Relaxed),
-                    "frames_failed": c.frames_failed.load(Ordering::Relaxed),
-                    "frames_anomalous": c.frames_anomalous.load(Ordering::Relaxed),
-                })
-            })
-            .collect();
-        serde_json::json!({
-            "schema": crate::alarm::SCHEMA_VERSION,
-            "device": device,
-            "site": site,
-            "time": crate::alarm::rfc3339_utc(unix_ms()),
-            "uptime_s": self.started.elapsed().as_secs(),
-            "model_id": self.model_id.lock().map(|m| m.clone()).unwrap_or_default(),
-            "healthy": problems.is_empty(),
-            "problems": problems,
-            "cameras": cams,
-            "alarms_spooled": spool_queued,
-            "alarms_evicted_total": self.alarms_evicted.load(Ordering::Relaxed),
-            "last_reload_error": self.last_reload_error.lock().ok().and_then(|e| e.clone()),
-        })
+    /// Whole seconds since the daemon started.
+    pub fn uptime_s(&self) -> u64 {
+        self.started.elapsed().as_secs()
     }
-
-    /// Prometheus text exposition (format 0.0.4).
-    pub fn prometheus(&self) -> String {
-        let mut o = String::new();
-        let cams = self.cameras();
-        type Field = fn(&CameraTelemetry) -> &AtomicU64;
-        let counters: [(&str, &str, Field); 6] = [
-            ("frames_in_total", "Frames accepted from the camera.", |c| {
-                &c.frames_in
-            }),
-            ("frames_processed_total", "Frames judged.", |c| {
-                &c.frames_processed
-            }),
-            (
-                "frames_dropped_total",
-                "Frames dropped because inference was behind.",
-                |c| &c.frames_dropped,
-            ),
-            (
-                "frames_failed_total",
-                "Frames that could not be decoded or prepared.",
-                |c| &c.frames_failed,
-            ),
-            ("frames_anomalous_total", "Frames judged anomalous.", |c| {
-                &c.frames_anomalous
-            }),
-            (
-                "class_mismatch_total",
-                "Frames whose detected class differs from the camera's pinned class.",
-                |c| &c.class_mismatches,
-            ),
-        ];
-        for (name, help, field) in counters {
-            let _ = writeln!(o, "# HELP cras_{name} {help}\n# TYPE cras_{name} counter");
-            for c in &cams {
-                let v = field(c).load(Ordering::Relaxed);
-                let _ = writeln!(o, "cras_{name}{{camera=\"{}\"}} {v}", c.id);
-            }
-        }
-        let _ = writeln!(
-            o,
-            "# HELP cras_camera_up 1 when the camera is running.\n# TYPE cras_camera_up gauge"
-        );
-        for c in &cams {
-            let s = c.state();
-            let _ = writeln!(
-                o,
-                "cras_camera_up{{camera=\"{}\",state=\"{}\"}} {}",
-                c.id,
-                s.name(),
-                u8::from(s == CameraState::Running)
-            );
-        }
-        let _ = writeln!(
-            o,
-            "# HELP cras_queue_depth Frames waiting, per queue.\n# TYPE cras_queue_depth gauge"
-        );
-        for c in &cams {
-            let _ = writeln!(
-                o,
-                "cras_queue_depth{{queue=\"capture\",camera=\"{}\"}} {}",
-                c.id,
-                c.queue_depth.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            o,
-            "cras_queue_depth{{queue=\"postprocess\"}} {}",
-            self.infer_queue_depth.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "cras_queue_depth{{queue=\"publish\"}} {}",
-            self.publish_queue_depth.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "# HELP cras_stage_latency_ms Per-frame latency of each stage.\n# TYPE cras_stage_latency_ms histogram"
-        );
-        let hists = self.latency.lock().map(|h| h.clone()).unwrap_or_default();
-        for (stage, h) in STAGES.iter().zip(hists.iter()) {
-            let mut cum = 0;
-            for (b, n) in BUCKETS_MS.iter().zip(h.counts.iter()) {
-                cum += n;
-                let _ = writeln!(
-                    o,
-                    "cras_stage_latency_ms_bucket{{stage=\"{stage}\",le=\"{b}\"}} {cum}"
-                );
-            }
-            let _ = writeln!(
-                o,
-                "cras_stage_latency_ms_bucket{{stage=\"{stage}\",le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(
-                o,
-                "cras_stage_latency_ms_sum{{stage=\"{stage}\"}} {}",
-                h.sum
-            );
-            let _ = writeln!(
-                o,
-                "cras_stage_latency_ms_count{{stage=\"{stage}\"}} {}",
-                h.count
-            );
-        }
-        let plain = |o: &mut String, name: &str, kind: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                o,
-                "# HELP cras_{name} {help}\n# TYPE cras_{name} {kind}\ncras_{name} {v}"
-            );
-        };
-        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        plain(
-            &mut o,
-            "alarms_total",
-            "counter",
-            "Alarms raised.",
-            ld(&self.alarms_total),
-        );
-        plain(
-            &mut o,
-            "alarms_acknowledged_total",
-            "counter",
-            "Alarms acknowledged by the broker.",
-            ld(&self.alarms_acknowledged),
-        );
-        plain(
-            &mut o,
-            "alarms_evicted_total",
-            "counter",
-            "Alarms evicted from a full spool (lost).",
-            ld(&self.alarms_evicted),
-        );
-        plain(
-            &mut o,
-            "alarms_spooled",
-            "gauge",
-            "Alarms on disk waiting for the broker.",
-            ld(&self.alarms_spooled),
-        );
-        plain(
-            &mut o,
-            "spool_bytes",
-            "gauge",
-            "Bytes in the alarm spool.",
-            ld(&self.spool_bytes),
-        );
-        plain(
-            &mut o,
-            "results_published_total",
-            "counter",
-            "Per-frame result messages published.",
-            ld(&self.results_published),
-        );
-        plain(
-            &mut o,
-            "broker_connected",
-            "gauge",
-            "1 while connected to the MQTT broker.",
-            u64::from(self.broker_connected.load(Ordering::Relaxed)),
-        );
-        plain(
-            &mut o,
-            "reloads_total",
-            "counter",
-            "Configuration reloads applied.",
-            ld(&self.reloads_ok),
-        );
-        plain(
-            &mut o,
-            "reloads_failed_total",
-            "counter",
-            "Configuration reloads rejected.",
-            ld(&self.reloads_failed),
-        );
-        let model = self.model_id.lock().map(|m| m.clone()).unwrap_or_default();
-        let _ = writeln!(
-            o,
-            "# HELP cras_model_info The loaded model.\n# TYPE cras_model_info gauge\ncras_model_info{{model_id=\"{model}\"}} {}",
-            u8::from(self.model_loaded.load(Ordering::Relaxed))
-        );
-        o
-    }
-}
-
-pub fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -509,45 +328,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative_in_the_exposition() {
-        let t = Telemetry::new();
-        t.set_cameras(&["cam1".into()]);
-        for ms in [0.5, 3.0, 3.0, 40000.0] {
-            t.observe(2, ms);
-        }
-        let text = t.prometheus();
-        assert!(text.contains("cras_stage_latency_ms_bucket{stage=\"inference\",le=\"1\"} 1"));
-        assert!(text.contains("cras_stage_latency_ms_bucket{stage=\"inference\",le=\"5\"} 3"));
-        assert!(text.contains("cras_stage_latency_ms_bucket{stage=\"inference\",le=\"30000\"} 3"));
-        assert!(text.contains("cras_stage_latency_ms_bucket{stage=\"inference\",le=\"60000\"} 4"));
-        assert!(text.contains("cras_stage_latency_ms_bucket{stage=\"inference\",le=\"+Inf\"} 4"));
-        assert!(text.contains("cras_stage_latency_ms_count{stage=\"inference\"} 4"));
-        assert!(text.contains("cras_frames_in_total{camera=\"cam1\"} 0"));
-    }
-
-    #[test]
     fn the_stalest_stage_is_named_for_the_watchdog() {
         let t = Telemetry::new();
         std::thread::sleep(std::time::Duration::from_millis(60));
-        t.beat(0);
-        t.beat(2);
-        // Judging (1) has not gone round its loop since the start.
+        t.beat(Stage::Inference);
+        t.beat(Stage::Publish);
+        // Judging has not gone round its loop since the start.
         let (stage, age) = t.stalest();
-        assert_eq!(stage, "postprocess");
+        assert_eq!(stage.name(), "judging");
         assert!(age >= 0.05, "{age}");
-        t.beat(1);
+        t.beat(Stage::Judging);
         assert!(t.stalest().1 < 0.05);
-    }
-
-    #[test]
-    fn quantiles_interpolate_within_buckets() {
-        // 10 observations in (0,10], 10 in (10,20]: the median is the 10 boundary, p75
-        // half way into the second bucket, and nothing is past the last finite bucket.
-        let b = [(10.0, 10.0), (20.0, 20.0), (f64::INFINITY, 20.0)];
-        assert_eq!(bucket_quantile(&b, 0.5), Some(10.0));
-        assert_eq!(bucket_quantile(&b, 0.75), Some(15.0));
-        assert_eq!(bucket_quantile(&b, 0.25), Some(5.0));
-        assert_eq!(bucket_quantile(&[(f64::INFINITY, 0.0)], 0.5), None);
     }
 
     #[test]

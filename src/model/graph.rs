@@ -396,7 +396,7 @@ pub struct BnReplayGraph {
 
 /// A graph of the backbone alone with train-mode BatchNorm whose outputs are every
 /// layer's batch mean and variance: running it on the reference's all-ones image
-/// replays the train-mode pass its training script makes (method page, "Quirks").
+/// replays the train-mode pass its training script makes (docs/decisions.md, "BatchNorm replay").
 pub fn bn_replay_graph(
     backbone: &Backbone,
     h: usize,

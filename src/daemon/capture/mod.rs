@@ -13,11 +13,17 @@
 //! (`image/...`, from the image-folder template); encoded images are decoded here, so a
 //! corrupt file costs one frame, not the stream, and are paced to the caps' frame rate.
 
-use super::telemetry::{CameraState, CameraTelemetry, Telemetry, unix_ms};
+pub mod config;
+mod sample;
+pub mod template;
+
+use super::telemetry::{CameraState, CameraTelemetry, Telemetry};
+use crate::clock::unix_ms;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
+use sample::{bus_error, describe_error, encoded_fps, frame_image};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -117,6 +123,92 @@ pub fn run_camera(src: CameraSource, all: Arc<Telemetry>, stop: Arc<AtomicBool>)
     all.set_state(&cam, CameraState::Stopped);
 }
 
+/// A built pipeline and the ends the capture thread reads.
+struct Built {
+    pipeline: gst::Pipeline,
+    sink: gst_app::AppSink,
+    bus: gst::Bus,
+}
+
+impl Built {
+    /// Stops the pipeline (state Null) and passes `outcome` on.
+    fn shut(&self, outcome: Outcome) -> Outcome {
+        let _ = self.pipeline.set_state(gst::State::Null);
+        outcome
+    }
+}
+
+/// Parses the pipeline text and finds its appsink and bus.
+fn build(text: &str) -> Result<Built, Outcome> {
+    let element = gst::parse::launch(text)
+        .map_err(|e| Outcome::Failed(format!("pipeline does not build: {e}")))?;
+    let Ok(pipeline) = element.downcast::<gst::Pipeline>() else {
+        return Err(Outcome::Failed("the description is not a pipeline".into()));
+    };
+    let Some(sink) = pipeline
+        .by_name("sink")
+        .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
+    else {
+        return Err(Outcome::Failed(
+            "the pipeline has no `appsink name=sink`".into(),
+        ));
+    };
+    // A short appsink queue: frames are copied out at once, and a stalled consumer
+    // must not make the source buffer without bound.
+    sink.set_max_buffers(2);
+    let Some(bus) = pipeline.bus() else {
+        return Err(Outcome::Failed("the pipeline has no bus".into()));
+    };
+    Ok(Built {
+        pipeline,
+        sink,
+        bus,
+    })
+}
+
+/// What the bus says happened to the stream, if anything ended it; warnings are logged.
+fn bus_outcome(src: &CameraSource, bus: &gst::Bus, had_frames: bool) -> Option<Outcome> {
+    while let Some(msg) = bus.pop_filtered(&[
+        gst::MessageType::Error,
+        gst::MessageType::Eos,
+        gst::MessageType::Warning,
+    ]) {
+        match msg.view() {
+            gst::MessageView::Error(e) => {
+                return Some(Outcome::Lost {
+                    reason: describe_error(e),
+                    had_frames,
+                });
+            }
+            gst::MessageView::Eos(_) if src.finite => return Some(Outcome::Ended),
+            gst::MessageView::Eos(_) => {
+                return Some(Outcome::Lost {
+                    reason: "the stream ended".into(),
+                    had_frames,
+                });
+            }
+            gst::MessageView::Warning(w) => {
+                tracing::warn!(camera = %src.telemetry.id, "{}", w.error());
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Waits until an encoded image is due: they carry no timestamps, so they are played at
+/// the caps' frame rate from the first one (`paced`: start time and count).
+fn pace(sample: &gst::Sample, paced: &mut Option<(Instant, u64)>, stop: &AtomicBool) {
+    if let Some(fps) = encoded_fps(sample) {
+        let (t0, n) = paced.get_or_insert((Instant::now(), 0));
+        let due = *t0 + Duration::from_secs_f64(*n as f64 / fps);
+        *n += 1;
+        while Instant::now() < due && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep((due - Instant::now()).min(Duration::from_millis(50)));
+        }
+    }
+}
+
 /// Builds, plays and reads one pipeline until it stops, ends or breaks.
 fn run_pipeline(
     src: &CameraSource,
@@ -125,32 +217,13 @@ fn run_pipeline(
     number: &mut u64,
 ) -> Outcome {
     let cam = &src.telemetry;
-    let element = match gst::parse::launch(&src.pipeline) {
-        Ok(e) => e,
-        Err(e) => return Outcome::Failed(format!("pipeline does not build: {e}")),
+    let p = match build(&src.pipeline) {
+        Ok(p) => p,
+        Err(outcome) => return outcome,
     };
-    let Ok(pipeline) = element.downcast::<gst::Pipeline>() else {
-        return Outcome::Failed("the description is not a pipeline".into());
-    };
-    let Some(sink) = pipeline
-        .by_name("sink")
-        .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
-    else {
-        return Outcome::Failed("the pipeline has no `appsink name=sink`".into());
-    };
-    // A short appsink queue: frames are copied out at once, and a stalled consumer
-    // must not make the source buffer without bound.
-    sink.set_max_buffers(2);
-    let Some(bus) = pipeline.bus() else {
-        return Outcome::Failed("the pipeline has no bus".into());
-    };
-    let shut = |outcome: Outcome| {
-        let _ = pipeline.set_state(gst::State::Null);
-        outcome
-    };
-    if pipeline.set_state(gst::State::Playing).is_err() {
-        let reason = bus_error(&bus).unwrap_or_else(|| "the pipeline does not start".into());
-        return shut(Outcome::Lost {
+    if p.pipeline.set_state(gst::State::Playing).is_err() {
+        let reason = bus_error(&p.bus).unwrap_or_else(|| "the pipeline does not start".into());
+        return p.shut(Outcome::Lost {
             reason,
             had_frames: false,
         });
@@ -158,44 +231,21 @@ fn run_pipeline(
     let mut cap = RateCap::new(src.max_fps);
     let mut last_progress = Instant::now();
     let mut had_frames = false;
-    // Pacing of encoded images (they carry no timestamps): start time and count.
-    let mut paced: Option<(Instant, u64)> = None;
+    let mut paced = None;
     loop {
         if stop.load(Ordering::Relaxed) {
-            return shut(Outcome::Stopped);
+            return p.shut(Outcome::Stopped);
         }
-        while let Some(msg) = bus.pop_filtered(&[
-            gst::MessageType::Error,
-            gst::MessageType::Eos,
-            gst::MessageType::Warning,
-        ]) {
-            match msg.view() {
-                gst::MessageView::Error(e) => {
-                    return shut(Outcome::Lost {
-                        reason: describe_error(e),
-                        had_frames,
-                    });
-                }
-                gst::MessageView::Eos(_) if src.finite => return shut(Outcome::Ended),
-                gst::MessageView::Eos(_) => {
-                    return shut(Outcome::Lost {
-                        reason: "the stream ended".into(),
-                        had_frames,
-                    });
-                }
-                gst::MessageView::Warning(w) => {
-                    tracing::warn!(camera = %cam.id, "{}", w.error());
-                }
-                _ => {}
-            }
+        if let Some(outcome) = bus_outcome(src, &p.bus, had_frames) {
+            return p.shut(outcome);
         }
-        let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_mseconds(100)) else {
+        let Some(sample) = p.sink.try_pull_sample(gst::ClockTime::from_mseconds(100)) else {
             // A source can stop delivering without an error (a network camera that lost
             // power mid-stream, a hung driver): that is a lost camera too.
             if let Some(limit) = src.stall_timeout
                 && last_progress.elapsed() > limit
             {
-                return shut(Outcome::Lost {
+                return p.shut(Outcome::Lost {
                     reason: format!("no frame for {:.0} s", limit.as_secs_f64()),
                     had_frames,
                 });
@@ -207,14 +257,7 @@ fn run_pipeline(
             had_frames = true;
             all.set_state(cam, CameraState::Running);
         }
-        if let Some(fps) = encoded_fps(&sample) {
-            let (t0, n) = paced.get_or_insert((Instant::now(), 0));
-            let due = *t0 + Duration::from_secs_f64(*n as f64 / fps);
-            *n += 1;
-            while Instant::now() < due && !stop.load(Ordering::Relaxed) {
-                std::thread::sleep((due - Instant::now()).min(Duration::from_millis(50)));
-            }
-        }
+        pace(&sample, &mut paced, stop);
         let captured_ms = unix_ms();
         let captured = Instant::now();
         *number += 1;
@@ -289,84 +332,6 @@ fn offer(src: &CameraSource, mut frame: Frame) {
         }
     }
     cam.queue_depth.store(src.queue.len(), Ordering::Relaxed);
-}
-
-fn describe_error(e: &gst::message::Error) -> String {
-    let from = e
-        .src()
-        .map(|s| s.name().to_string())
-        .unwrap_or_else(|| "pipeline".into());
-    match e.debug() {
-        Some(d) => format!("{from}: {} ({d})", e.error()),
-        None => format!("{from}: {}", e.error()),
-    }
-}
-
-fn bus_error(bus: &gst::Bus) -> Option<String> {
-    let msg = bus.timed_pop_filtered(
-        gst::ClockTime::from_mseconds(200),
-        &[gst::MessageType::Error],
-    )?;
-    match msg.view() {
-        gst::MessageView::Error(e) => Some(describe_error(e)),
-        _ => None,
-    }
-}
-
-/// The frame rate to pace encoded images at (they carry no timestamps).
-fn encoded_fps(sample: &gst::Sample) -> Option<f64> {
-    let s = sample.caps()?.structure(0)?;
-    if !s.name().starts_with("image/") {
-        return None;
-    }
-    s.get::<gst::Fraction>("framerate")
-        .ok()
-        .filter(|f| f.numer() > 0 && f.denom() > 0)
-        .map(|f| f.numer() as f64 / f.denom() as f64)
-}
-
-/// The RGB image of a sample.
-fn frame_image(sample: &gst::Sample) -> Result<image::RgbImage, String> {
-    let caps = sample.caps().ok_or("sample without caps")?;
-    let s = caps.structure(0).ok_or("empty caps")?;
-    let buffer = sample.buffer().ok_or("sample without data")?;
-    let map = buffer
-        .map_readable()
-        .map_err(|_| "buffer not readable".to_string())?;
-    let data = map.as_slice();
-    if s.name() == "video/x-raw" {
-        let format = s.get::<&str>("format").unwrap_or("?");
-        if format != "RGB" {
-            return Err(format!(
-                "frames are {format}; end the pipeline in `videoconvert ! video/x-raw,format=RGB ! appsink name=sink`"
-            ));
-        }
-        let w = s.get::<i32>("width").map_err(|_| "caps without width")? as usize;
-        let h = s.get::<i32>("height").map_err(|_| "caps without height")? as usize;
-        // GStreamer pads RGB rows to 4 bytes.
-        let stride = (w * 3 + 3) & !3;
-        if data.len() < stride * (h.max(1) - 1) + w * 3 {
-            return Err(format!(
-                "frame of {} bytes is short for {w}x{h} RGB",
-                data.len()
-            ));
-        }
-        let mut rgb = Vec::with_capacity(w * h * 3);
-        for y in 0..h {
-            rgb.extend_from_slice(&data[y * stride..y * stride + w * 3]);
-        }
-        image::RgbImage::from_raw(w as u32, h as u32, rgb)
-            .ok_or_else(|| "frame size mismatch".to_string())
-    } else if s.name().starts_with("image/") {
-        Ok(image::load_from_memory(data)
-            .map_err(|e| format!("cannot decode image: {e}"))?
-            .to_rgb8())
-    } else {
-        Err(format!(
-            "appsink delivers `{}`; use video/x-raw,format=RGB or encoded images",
-            s.name()
-        ))
-    }
 }
 
 #[cfg(test)]

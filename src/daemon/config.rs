@@ -1,0 +1,181 @@
+//! The daemon's configuration (`config.yaml`): every key documented in the shipped
+//! `config.yaml`, unknown keys rejected. Each section belongs to the stage that uses it
+//! and is validated there (cameras in `capture`, model and batching in `inference`,
+//! mqtt in `publish::connection`, spool in `publish::spool`, http in `http`);
+//! [`Config::validate`] runs them all, for `check-config` and `cras run` alike, so a
+//! configuration that passes the check does not fail at start for a knowable reason.
+//! YAML is read with serde-saphyr.
+
+use super::capture::config::{CameraConfig, CameraPipeline};
+use super::http::HttpConfig;
+use super::inference::{BatchingConfig, ModelConfig};
+use super::publish::connection::MqttConfig;
+use super::publish::spool::SpoolConfig;
+use crate::model::bundle::Bundle;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub device: DeviceConfig,
+    pub model: ModelConfig,
+    pub cameras: Vec<CameraConfig>,
+    #[serde(default)]
+    pub batching: BatchingConfig,
+    pub mqtt: MqttConfig,
+    pub spool: SpoolConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Site name, part of every MQTT topic.
+    pub site: String,
+    /// Device id, part of every MQTT topic.
+    pub id: String,
+}
+
+impl DeviceConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        for (key, value) in [("device.site", &self.site), ("device.id", &self.id)] {
+            if !topic_safe(value) {
+                return Err(Invalid::new(
+                    key,
+                    "use letters, digits, `-` and `_` only (it is an MQTT topic level)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// tracing filter, e.g. `info` or `info,cras::capture=debug`.
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+
+impl LoggingConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        tracing_subscriber::EnvFilter::try_new(&self.level)
+            .map_err(|e| Invalid::new("logging.level", e.to_string()))?;
+        Ok(())
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: default_level(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("{path}: `{key}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+/// A section's finding: the key (as written in the file) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid {
+    pub key: String,
+    pub reason: String,
+}
+
+impl Invalid {
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Invalid {
+        Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// `p` taken from the config file's folder `base` if it is relative.
+pub fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Whether `s` can be one MQTT topic level and a metric label: letters, digits, `-`, `_`.
+pub fn topic_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// A checked configuration with what validation loaded.
+pub struct ValidConfig {
+    pub config: Config,
+    pub bundle: Bundle,
+    /// Rendered capture pipeline per camera id.
+    pub pipelines: BTreeMap<String, CameraPipeline>,
+    pub password: Option<String>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_saphyr::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Checks everything knowable before start, section by section. Relative paths are
+    /// taken from the config file's folder; `templates` holds the capture templates.
+    pub fn validate(mut self, path: &Path, templates: &Path) -> Result<ValidConfig, ConfigError> {
+        let base = path.parent().unwrap_or(Path::new("."));
+        let found = |e: Invalid| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: e.key,
+            reason: e.reason,
+        };
+        self.device.validate().map_err(found)?;
+        let bundle = self.model.validate(base).map_err(found)?;
+        let pipelines =
+            super::capture::config::validate(&self.cameras, &bundle.meta.classes, templates)
+                .map_err(found)?;
+        self.batching.validate().map_err(found)?;
+        let password = self.mqtt.validate(base).map_err(found)?;
+        self.spool.validate(base).map_err(found)?;
+        self.http.validate().map_err(found)?;
+        self.logging.validate().map_err(found)?;
+        Ok(ValidConfig {
+            config: self,
+            bundle,
+            pipelines,
+            password,
+        })
+    }
+}

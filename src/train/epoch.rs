@@ -1,0 +1,211 @@
+//! The method's training steps (docs/architecture.md, "Training") and the validation score that
+//! chooses the epoch. A step: adapt a batch of cached embeddings, find each patch's
+//! nearest center of its class, synthesise anomalies with distance-guided Gaussian noise
+//! on the adapted features, score normal and synthetic patches (with their residuals to
+//! the centers) in one BatchNorm batch, and take one BCE step on adaptor and scorer.
+
+use super::adam::Adam;
+use super::centers::CenterBank;
+use super::data::Split;
+use super::params::Params;
+use crate::rng::Rng;
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Images per call when scoring the validation set.
+const VALIDATION_BATCH: usize = 8;
+
+/// The state the steps change, and what they need to take one.
+pub(super) struct Trainer {
+    pub params: Params,
+    /// AdamW on the adaptor.
+    pub adaptor_opt: Adam,
+    /// Adam with L2 on the scorer.
+    pub scorer_opt: Adam,
+    pub bank: CenterBank,
+    pub rng: Rng,
+    pub dev: Device,
+    /// Standard deviation of the synthetic-anomaly noise.
+    pub sigma: f64,
+    /// Shrink of the distance-guided noise scale towards 1.
+    pub noise_k: f64,
+    pub batch: usize,
+}
+
+/// What one epoch did.
+pub(super) struct EpochStats {
+    /// Mean BCE over the epoch's images.
+    pub loss: f64,
+    /// Share of normal patches scored below 0.5.
+    pub normal_ok: f64,
+    /// Share of synthetic patches scored at or above 0.5.
+    pub synthetic_ok: f64,
+    /// The epoch stopped early on a signal; its steps do not count.
+    pub interrupted: bool,
+}
+
+/// Running sums of one epoch.
+#[derive(Default)]
+struct Tally {
+    loss: f64,
+    normal_ok: f64,
+    synthetic_ok: f64,
+    images: usize,
+}
+
+impl Tally {
+    fn mean(&self, v: f64) -> f64 {
+        v / self.images.max(1) as f64
+    }
+}
+
+/// BCE with logits: normal -> 0 is softplus(z), synthetic -> 1 is softplus(-z).
+fn softplus(t: &Tensor) -> Result<Tensor> {
+    Ok(t.relu()?
+        .add(&t.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?)
+}
+
+/// Share of `probabilities` on the right side of 0.5 (`above`: synthetic).
+fn share_right(logits: &Tensor, above: bool) -> Result<f64> {
+    let p = candle_nn::ops::sigmoid(logits)?;
+    let right = if above { p.ge(0.5)? } else { p.lt(0.5)? };
+    Ok(right.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()? as f64)
+}
+
+fn progress_bar(steps: usize, epoch: usize, epochs: usize) -> ProgressBar {
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "epoch {prefix:>4} [{bar:30}] {pos}/{len} steps, {msg}, eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{}/{epochs}", epoch + 1));
+    bar
+}
+
+impl Trainer {
+    /// One pass over `train` in a seeded random order, with a progress bar. Stops after
+    /// the current step when `interrupted` is set.
+    pub fn epoch(
+        &mut self,
+        train: &Split,
+        epoch: usize,
+        epochs: usize,
+        interrupted: &AtomicBool,
+    ) -> Result<EpochStats> {
+        let n = train.cache.count;
+        let bar = progress_bar(n.div_ceil(self.batch), epoch, epochs);
+        let mut order: Vec<usize> = (0..n).collect();
+        self.rng.shuffle(&mut order);
+        let mut tally = Tally::default();
+        for idx in order.chunks(self.batch) {
+            self.step(train, idx, &mut tally)?;
+            bar.set_message(format!(
+                "loss {:.4}, normal ok {:.0}%, synthetic ok {:.0}%",
+                tally.mean(tally.loss),
+                100.0 * tally.mean(tally.normal_ok),
+                100.0 * tally.mean(tally.synthetic_ok)
+            ));
+            bar.inc(1);
+            if interrupted.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        bar.finish_and_clear();
+        Ok(EpochStats {
+            loss: tally.mean(tally.loss),
+            normal_ok: tally.mean(tally.normal_ok),
+            synthetic_ok: tally.mean(tally.synthetic_ok),
+            interrupted: interrupted.load(Ordering::SeqCst),
+        })
+    }
+
+    /// One optimisation step on images `idx` of `train`.
+    fn step(&mut self, train: &Split, idx: &[usize], tally: &mut Tally) -> Result<()> {
+        let (p, d) = (train.cache.patches, train.cache.dim);
+        let x = train.batch(idx, &self.dev)?;
+        let cls: Vec<usize> = idx.iter().map(|&i| train.classes[i]).collect();
+        let f = self.params.adapt(&x)?;
+        let fd = f.detach();
+        let rows = self.bank.nearest_rows(&fd, &cls)?;
+        let m = self.bank.flat.index_select(&rows, 0)?;
+        let rows_n = idx.len() * p;
+        // Distance-guided noise: a_p = |n_p| / |f_p - m_p|, normalised by its batch
+        // mean and shrunk towards 1 by k; the noise is a constant.
+        let dist = fd
+            .sub(&m)?
+            .sqr()?
+            .sum_keepdim(1)?
+            .sqrt()?
+            .affine(1.0, 1e-12)?;
+        let noise: Vec<f32> = (0..rows_n * d)
+            .map(|_| (self.rng.normal() * self.sigma) as f32)
+            .collect();
+        let noise = Tensor::from_vec(noise, (rows_n, d), &self.dev)?;
+        let a = noise.sqr()?.sum_keepdim(1)?.sqrt()?.div(&dist)?;
+        let a = a
+            .broadcast_div(&a.mean_all()?)?
+            .affine(self.noise_k, 1.0 - self.noise_k)?;
+        let g = f.add(&noise.broadcast_mul(&a)?)?;
+        let normal = Tensor::cat(&[&f, &f.sub(&m)?], 1)?;
+        let synth = Tensor::cat(&[&g, &g.sub(&m)?], 1)?;
+        let z = self
+            .params
+            .score_logits(&Tensor::cat(&[&normal, &synth], 0)?, true)?;
+        let zn = z.narrow(0, 0, rows_n)?;
+        let zs = z.narrow(0, rows_n, rows_n)?;
+        let loss = softplus(&zn)?
+            .mean_all()?
+            .add(&softplus(&zs.neg()?)?.mean_all()?)?;
+        let grads = loss.backward()?;
+        self.adaptor_opt
+            .apply(&self.params.adaptor_vars(), &grads)?;
+        self.scorer_opt.apply(&self.params.scorer_vars(), &grads)?;
+        let images = idx.len() as f64;
+        tally.loss += loss.to_scalar::<f32>()? as f64 * images;
+        tally.normal_ok += share_right(&zn, false)? * images;
+        tally.synthetic_ok += share_right(&zs, true)? * images;
+        tally.images += idx.len();
+        Ok(())
+    }
+
+    /// Image AUROC of the current weights on the validation set (None without one).
+    pub fn validate(&mut self, val: &Split, labels: &[bool]) -> Result<Option<f64>> {
+        if val.cache.count == 0 {
+            return Ok(None);
+        }
+        let scores = self.image_scores(val)?;
+        Ok(crate::metrics::roc_auc(&scores, labels))
+    }
+
+    /// Image scores (max patch score) of every image of `split`, in inference mode:
+    /// the class is chosen as inference chooses it.
+    fn image_scores(&mut self, split: &Split) -> Result<Vec<f32>> {
+        let p = split.cache.patches;
+        let mut out = Vec::new();
+        let all: Vec<usize> = (0..split.cache.count).collect();
+        for chunk in all.chunks(VALIDATION_BATCH) {
+            let x = split.batch(chunk, &self.dev)?;
+            let f = self.params.adapt(&x)?;
+            let classes = self.bank.choose_classes(&f, chunk.len())?;
+            let rows = self.bank.nearest_rows(&f, &classes)?;
+            let m = self.bank.flat.index_select(&rows, 0)?;
+            let input = Tensor::cat(&[&f, &f.sub(&m)?], 1)?;
+            let s = self
+                .params
+                .score_logits(&input, false)?
+                .reshape((chunk.len(), p))?
+                .max_keepdim(1)?;
+            out.extend(
+                candle_nn::ops::sigmoid(&s)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,146 @@
+//! The bundle a training run writes: the selected epoch's head and the centers composed
+//! with the backbone into one ONNX graph, and model.yaml with the provenance a plant
+//! needs to trust it (the dataset and its hash, the options, every epoch's figures, and
+//! why this epoch was chosen).
+
+use super::TrainOptions;
+use super::checkpoint::Progress;
+use super::data::TrainingData;
+use crate::backbone::Backbone;
+use crate::dataset::ClassData;
+use crate::model::bundle::{
+    Bundle, BundleMeta, FORMAT_VERSION, Provenance, SourceFile, TrainingRecord, sha256_file,
+};
+use crate::model::graph::{CrasModel, GraphOptions};
+use crate::model::head::{Centers, CrasHead};
+use crate::weights::StateDict;
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Writes the bundle of the selected epoch to `o.out`.
+pub(super) fn write_bundle(
+    o: &TrainOptions,
+    classes: &[ClassData],
+    backbone: &Backbone,
+    data: &TrainingData,
+    progress: &Progress,
+    centers: Centers,
+    patch_grid: [usize; 2],
+) -> Result<Bundle> {
+    let selected = progress.best.clone().context("no epoch completed")?;
+    let head = CrasHead::from_state_dict(&StateDict {
+        tensors: selected,
+        source: o.work.join("checkpoint.safetensors"),
+    })?;
+    let model = CrasModel {
+        backbone,
+        head: &head,
+        centers: &centers,
+        height: o.input.height,
+        width: o.input.width,
+        pre_dim: o.pre_dim,
+    };
+    let onnx = model.to_onnx(GraphOptions::default())?;
+    let state = &progress.state;
+    let selection = match state.best_auroc {
+        Some(a) => format!(
+            "epoch {} of {}: best image AUROC ({a:.4}) on {} held-out good images vs the same images with synthetic defects",
+            state.best_epoch.unwrap_or(0),
+            o.epochs,
+            data.val_good
+        ),
+        None => format!("the last epoch ({}): no validation images", o.epochs),
+    };
+    tracing::info!("selected {selection}");
+    let mut sources = BTreeMap::new();
+    sources.insert(
+        "backbone".to_string(),
+        SourceFile {
+            file: o
+                .backbone_weights
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            sha256: data.weights_sha.clone(),
+        },
+    );
+    let train_paths: Vec<PathBuf> = classes.iter().flat_map(|c| c.train_good.clone()).collect();
+    let meta = BundleMeta {
+        format_version: FORMAT_VERSION,
+        classes: classes.iter().map(|c| c.name.clone()).collect(),
+        input: o.input.clone(),
+        backbone: o.backbone.name().to_string(),
+        embed_dim: o.embed_dim,
+        patch_grid,
+        thresholds: BTreeMap::new(),
+        provenance: Provenance {
+            created_by: format!("cras {} train", env!("CARGO_PKG_VERSION")),
+            created_at: crate::clock::unix_secs(),
+            sources,
+            notes: BTreeMap::new(),
+            training: Some(TrainingRecord {
+                dataset: o.data.display().to_string(),
+                data_sha256: sha_of_sources(&train_paths, &o.data)?,
+                train_images: data.per_class.clone(),
+                validation_images: data.val_good,
+                seed: o.seed,
+                options: recorded_options(o, state.noise_sigma.unwrap_or(o.noise_std)),
+                epochs: state.history.clone(),
+                selected_epoch: state.best_epoch.unwrap_or(o.epochs),
+                selection,
+            }),
+        },
+        onnx_sha256: String::new(),
+    };
+    let bundle = Bundle::write(&o.out, meta, &onnx)?;
+    tracing::info!(
+        "bundle written to {} (model id {})",
+        o.out.display(),
+        bundle.model_id()
+    );
+    Ok(bundle)
+}
+
+/// The training options as model.yaml records them; `sigma` is the noise level used.
+fn recorded_options(o: &TrainOptions, sigma: f64) -> BTreeMap<String, String> {
+    [
+        ("epochs", o.epochs.to_string()),
+        ("batch", o.batch.to_string()),
+        ("adaptor_lr", o.adaptor_lr.to_string()),
+        ("scorer_lr", o.scorer_lr.to_string()),
+        ("noise_std", sigma.to_string()),
+        (
+            "noise_relative",
+            o.noise_relative
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
+        ("noise_k", o.noise_k.to_string()),
+        ("val_fraction", o.val_fraction.to_string()),
+        ("val_defect_strength", o.val_defect_strength.to_string()),
+        ("val_defects", o.val_defects.names()),
+        ("embed_dim", o.embed_dim.to_string()),
+        ("pretrain_embed_dim", o.pre_dim.to_string()),
+        ("device", o.device.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// One hash over the training images' names (relative to the dataset root) and contents.
+fn sha_of_sources(paths: &[PathBuf], root: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in paths {
+        let rel = p.strip_prefix(root).unwrap_or(p);
+        h.update(rel.to_string_lossy().as_bytes());
+        h.update(
+            sha256_file(p)
+                .with_context(|| format!("cannot read {}", p.display()))?
+                .as_bytes(),
+        );
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,313 @@
+//! `cras train`: the method's training (docs/architecture.md, "Training") on cached embeddings.
+//!
+//! The backbone is frozen and training uses no augmentation, so every image's patch
+//! embedding is computed once (onnxruntime, the same graph as inference) and cached on
+//! disk ([`features`]). The adaptor and the scorer ([`params`]) train with candle on the
+//! [`device`]: centers from the initial adaptor ([`centers`]), distance-guided Gaussian
+//! noise on the adapted features, BCE on normal vs synthetic patches ([`epoch`]), AdamW
+//! (adaptor) and Adam with L2 (scorer) ([`adam`]). Every epoch is checkpointed
+//! ([`checkpoint`]); the selected one is exported as a bundle ([`export`]).
+//!
+//! Model selection never looks at the test split: a held-out part of the good training
+//! images is scored each epoch against the same images with synthetic defects painted on
+//! (`synth` defects: scratch, spot, missing part, crack), and the epoch with the best
+//! image AUROC on that validation set is kept (ties: the earlier epoch).
+
+mod adam;
+mod centers;
+mod checkpoint;
+mod data;
+mod device;
+mod epoch;
+mod export;
+pub mod features;
+mod params;
+
+pub use device::TrainDevice;
+
+use crate::backbone::{Backbone, BackboneKind};
+use crate::dataset::ClassData;
+use crate::engine::EngineOptions;
+use crate::model::bundle::{Bundle, EpochRecord};
+use crate::model::head::Centers;
+use crate::preprocess::InputSpec;
+use crate::rng::Rng;
+use adam::Adam;
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use centers::{CenterBank, CenterSums};
+use checkpoint::{Checkpoint, CheckpointState, Progress};
+use data::{Split, TrainingData};
+use epoch::{EpochStats, Trainer};
+use params::Params;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+/// Training options; defaults are the paper's.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub data: PathBuf,
+    pub classes: Vec<String>,
+    pub backbone: BackboneKind,
+    pub backbone_weights: PathBuf,
+    pub out: PathBuf,
+    pub work: PathBuf,
+    pub input: InputSpec,
+    pub embed_dim: usize,
+    pub pre_dim: usize,
+    pub epochs: usize,
+    pub batch: usize,
+    pub adaptor_lr: f64,
+    pub scorer_lr: f64,
+    pub noise_std: f64,
+    /// When set, sigma = this x the adapted features' mean per-dimension std at
+    /// initialisation (instead of `noise_std`): the same relative perturbation whatever
+    /// the backbone's feature scale.
+    pub noise_relative: Option<f64>,
+    pub noise_k: f64,
+    pub val_fraction: f64,
+    /// Blend of the validation positives' synthetic defects (1: full strength).
+    pub val_defect_strength: f64,
+    /// The kinds of synthetic defect validation positives are drawn from.
+    pub val_defects: crate::synth::DefectKinds,
+    pub seed: u64,
+    pub resume: bool,
+    pub engine_options: EngineOptions,
+    /// Where the training steps run. The embedding pass always runs on the engine in
+    /// `engine_options`.
+    pub device: TrainDevice,
+}
+
+impl TrainOptions {
+    /// Refuses options no run could use, before any work.
+    pub fn check(&self) -> Result<()> {
+        let d = self.embed_dim;
+        if d < 2 || !d.is_multiple_of(2) {
+            bail!("--embed-dim must be an even number >= 2");
+        }
+        if self.batch == 0 || self.epochs == 0 {
+            bail!("--batch and --epochs must be at least 1");
+        }
+        if self.input.resize < self.input.height {
+            bail!(
+                "--resize ({}) must be at least --image-size ({})",
+                self.input.resize,
+                self.input.height
+            );
+        }
+        if !(self.val_defect_strength > 0.0 && self.val_defect_strength <= 1.0) {
+            bail!(
+                "--val-defect-strength {}: give a strength in (0, 1]",
+                self.val_defect_strength
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The work folder (embedding cache, checkpoints) of a bundle written to `out`:
+/// `<out>.work` beside it.
+pub fn default_work_folder(out: &std::path::Path) -> PathBuf {
+    let mut w = out.as_os_str().to_owned();
+    w.push(".work");
+    PathBuf::from(w)
+}
+
+/// A flag that SIGINT and SIGTERM set: training stops after the current step, and the
+/// last completed epoch stays in the checkpoint for `--resume`.
+pub fn interrupt_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, flag.clone())
+            .context("cannot install the interrupt handlers")?;
+    }
+    Ok(flag)
+}
+
+/// Runs training and writes the bundle.
+pub fn train(
+    o: &TrainOptions,
+    classes: &[ClassData],
+    interrupted: Arc<AtomicBool>,
+) -> Result<Bundle> {
+    o.check()?;
+    let dev = o.device.open()?;
+    std::fs::create_dir_all(&o.work)
+        .with_context(|| format!("cannot create work folder {}", o.work.display()))?;
+    let backbone = Backbone::load(o.backbone, &o.backbone_weights)?;
+    let ((ha, wa), _) = backbone.stage_sizes(o.input.height, o.input.width);
+    let shape = [classes.len(), ha * wa, o.embed_dim];
+
+    // 1. The seeded hold-out and every image's embedding, once.
+    let data = data::prepare(o, classes, &backbone, shape[1])?;
+
+    // 2. The network and its optimisers; 3. the centers under the initial adaptor (or
+    // everything from the checkpoint of an interrupted run).
+    let mut rng = Rng::new(o.seed);
+    let params = Params::init(o.embed_dim, &mut rng, &dev)?;
+    let ckpt = Checkpoint::in_folder(&o.work);
+    let resuming = o.resume && ckpt.exists();
+    if o.resume && !resuming {
+        tracing::warn!(
+            "--resume: no checkpoint in {}; starting afresh",
+            o.work.display()
+        );
+    }
+    let (centers, sigma) = if resuming {
+        (ckpt.load_centers(shape)?, None)
+    } else {
+        let (centers, sigma) = initial_centers(o, &params, &dev, &data.train, shape)?;
+        ckpt.save_centers(&centers, shape)?;
+        (centers, Some(sigma))
+    };
+    let mut trainer = Trainer {
+        adaptor_opt: Adam::new(&params.adaptor_vars(), o.adaptor_lr, 0.01, true)?,
+        scorer_opt: Adam::new(&params.scorer_vars(), o.scorer_lr, 1e-5, false)?,
+        params,
+        bank: CenterBank::new(centers.clone(), shape[0], shape[1], shape[2], &dev)?,
+        rng,
+        dev,
+        sigma: o.noise_std,
+        noise_k: o.noise_k,
+        batch: o.batch,
+    };
+    let mut progress = match sigma {
+        Some(sigma) => Progress {
+            state: CheckpointState::fresh(sigma),
+            best: None,
+        },
+        None => {
+            let progress = ckpt.load(&mut trainer)?;
+            tracing::info!(
+                "resuming at epoch {} from {}",
+                progress.state.next_epoch + 1,
+                o.work.display()
+            );
+            progress
+        }
+    };
+    trainer.sigma = progress.state.noise_sigma.unwrap_or(o.noise_std);
+
+    // 4. The epochs, each scored on validation and checkpointed.
+    for epoch in progress.state.next_epoch..o.epochs {
+        let t0 = Instant::now();
+        let stats = trainer.epoch(&data.train, epoch, o.epochs, &interrupted)?;
+        if stats.interrupted {
+            // The partial epoch is discarded: the checkpoint holds the last full epoch.
+            bail!(
+                "interrupted during epoch {}; the last completed epoch is saved in {}: continue with --resume",
+                epoch + 1,
+                o.work.display()
+            );
+        }
+        let val_auroc = trainer.validate(&data.val, &data.val_labels)?;
+        record_epoch(
+            o,
+            &mut progress,
+            &trainer,
+            &data,
+            epoch,
+            &stats,
+            val_auroc,
+            t0,
+        )?;
+        ckpt.save(&trainer, &progress)?;
+    }
+
+    // 5. The selected epoch as a bundle.
+    let centers = Centers {
+        classes: shape[0],
+        patches: shape[1],
+        dim: shape[2],
+        data: centers,
+    };
+    export::write_bundle(o, classes, &backbone, &data, &progress, centers, [ha, wa])
+}
+
+/// The centers under the freshly initialised adaptor, and the noise sigma: `--noise`, or
+/// `--noise-relative` times the adapted features' spread.
+fn initial_centers(
+    o: &TrainOptions,
+    params: &Params,
+    dev: &Device,
+    train: &Split,
+    [classes, patches, dim]: [usize; 3],
+) -> Result<(Vec<f32>, f64)> {
+    let mut sums = CenterSums::new(classes, patches, dim);
+    let all: Vec<usize> = (0..train.cache.count).collect();
+    for chunk in all.chunks(16) {
+        let f = params
+            .adapt(&train.batch(chunk, dev)?)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (k, &i) in chunk.iter().enumerate() {
+            sums.add(
+                train.classes[i],
+                &f[k * patches * dim..(k + 1) * patches * dim],
+            );
+        }
+    }
+    let mean_std = sums.mean_std();
+    let sigma = o
+        .noise_relative
+        .map(|r| r * mean_std)
+        .unwrap_or(o.noise_std);
+    tracing::info!(
+        "adapted features at initialisation: mean per-dimension std {mean_std:.4}; noise sigma {sigma:.5} is {:.1}% of it",
+        100.0 * sigma / mean_std.max(f64::MIN_POSITIVE)
+    );
+    Ok((sums.centers(), sigma))
+}
+
+/// Keeps the epoch if it is the best on validation so far (ties: the earlier), prints
+/// its line, and appends it to the history.
+#[allow(clippy::too_many_arguments)]
+fn record_epoch(
+    o: &TrainOptions,
+    progress: &mut Progress,
+    t: &Trainer,
+    data: &TrainingData,
+    epoch: usize,
+    stats: &EpochStats,
+    val_auroc: Option<f64>,
+    started: Instant,
+) -> Result<()> {
+    let state = &mut progress.state;
+    let secs = started.elapsed().as_secs_f64();
+    let improved = match (val_auroc, state.best_auroc) {
+        (Some(a), Some(b)) => a > b,
+        (Some(_), None) => true,
+        (None, _) => true, // no validation: the last epoch is kept
+    };
+    if improved {
+        state.best_auroc = val_auroc;
+        state.best_epoch = Some(epoch + 1);
+        progress.best = Some(t.params.snapshot()?);
+    }
+    eprintln!(
+        "epoch {:>3}/{}: loss {:.4}, validation image AUROC {}, {:.0}% / {:.0}% of normal / synthetic patches on the right side, {secs:.1} s ({:.1} images/s){}",
+        epoch + 1,
+        o.epochs,
+        stats.loss,
+        val_auroc
+            .map(|a| format!("{a:.4}"))
+            .unwrap_or_else(|| "n/a".into()),
+        100.0 * stats.normal_ok,
+        100.0 * stats.synthetic_ok,
+        data.train.cache.count as f64 / secs,
+        if improved { " *" } else { "" }
+    );
+    state.history.push(EpochRecord {
+        epoch: epoch + 1,
+        loss: stats.loss,
+        validation_auroc: val_auroc,
+        seconds: secs,
+    });
+    state.next_epoch = epoch + 1;
+    state.adaptor_step = t.adaptor_opt.step;
+    state.scorer_step = t.scorer_opt.step;
+    state.rng_state = t.rng.state();
+    Ok(())
+}
