@@ -1,19 +1,21 @@
 //! Writes the whole CRAS inference graph as one ONNX model:
 //! backbone -> aggregation -> adaptor -> per-image class choice -> local center search
 //! -> residual -> scorer -> patch scores, image score and the smoothed anomaly map.
+//! One node family per function: the frozen embedding is in [`super::embedding`], the
+//! map stage in [`super::map`].
 //!
 //! Inputs: `image` [N,3,H,W] float32, normalised. Outputs: `anomaly_map` [N,1,H,W],
 //! `patch_scores` [N,h,w], `image_score` [N], `class_id` [N] int64. N is dynamic.
 
 use super::aggregation;
+use super::embedding::{embedding, image_input};
 use super::head::{Centers, CrasHead};
 use crate::backbone::{Backbone, BnMode};
 use crate::onnx::{Attr, Dim, ElemType, GraphBuilder};
 use crate::weights::WeightsError;
 
-/// Gaussian smoothing of the anomaly map (scipy.ndimage.gaussian_filter semantics).
-pub const MAP_SIGMA: f64 = 4.0;
-pub const MAP_TRUNCATE: f64 = 4.0;
+pub use super::embedding::{BnReplayGraph, Embedding, bn_replay_graph, embedding_graph};
+pub use super::map::{MAP_SIGMA, MAP_TRUNCATE, gaussian_kernel, map_stage, reflect_indices};
 
 /// Everything the graph needs.
 pub struct CrasModel<'a> {
@@ -40,138 +42,6 @@ pub enum GraphError {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GraphOptions {
     pub debug_outputs: bool,
-}
-
-/// 1-D Gaussian weights, scipy's `_gaussian_kernel1d` (float64, normalised).
-pub fn gaussian_kernel(sigma: f64, truncate: f64) -> Vec<f64> {
-    let radius = (truncate * sigma + 0.5) as i64;
-    let w: Vec<f64> = (-radius..=radius)
-        .map(|x| (-0.5 / (sigma * sigma) * (x * x) as f64).exp())
-        .collect();
-    let s: f64 = w.iter().sum();
-    w.into_iter().map(|v| v / s).collect()
-}
-
-/// Source indices for scipy's "reflect" border (d c b a | a b c d | d c b a).
-pub fn reflect_indices(len: usize, radius: usize) -> Vec<i64> {
-    let period = 2 * len as i64;
-    (-(radius as i64)..(len + radius) as i64)
-        .map(|i| {
-            let m = i.rem_euclid(period);
-            if m < len as i64 { m } else { period - 1 - m }
-        })
-        .collect()
-}
-
-/// Resize + Gaussian smoothing of [N,1,h,w] scores to [N,1,H,W], as written in the graph.
-pub fn map_stage(g: &mut GraphBuilder, scores: &str, height: usize, width: usize) -> String {
-    let up = g.resize_bilinear(scores, height, width);
-    let k: Vec<f32> = gaussian_kernel(MAP_SIGMA, MAP_TRUNCATE)
-        .iter()
-        .map(|v| *v as f32)
-        .collect();
-    let r = k.len() / 2;
-    // Rows first (axis 0), then columns, as scipy does.
-    let rows = g.init_i64(
-        "reflect_rows",
-        &[height + 2 * r],
-        reflect_indices(height, r),
-    );
-    let padded = g.node("Gather", &[&up, &rows], vec![("axis", Attr::Int(2))]);
-    let v = g.conv(&padded, k.clone(), [1, 1, k.len(), 1], None, 1, [0; 4], 1);
-    let cols = g.init_i64("reflect_cols", &[width + 2 * r], reflect_indices(width, r));
-    let padded = g.node("Gather", &[&v, &cols], vec![("axis", Attr::Int(3))]);
-    g.conv(&padded, k.clone(), [1, 1, 1, k.len()], None, 1, [0; 4], 1)
-}
-
-/// The graph input `image` [batch, 3, h, w], float32.
-fn image_input(g: &mut GraphBuilder, batch: Dim, h: usize, w: usize) -> String {
-    g.input(
-        "image",
-        ElemType::F32,
-        vec![
-            batch,
-            Dim::Fixed(3),
-            Dim::Fixed(h as i64),
-            Dim::Fixed(w as i64),
-        ],
-    )
-}
-
-/// The patch embedding written into a graph: backbone, then the aggregation as two
-/// grouped 3x3 convolutions with stage B resized to stage A's grid, as [N, P, D].
-pub struct Embedding {
-    pub backbone: crate::backbone::BackboneOutputs,
-    pub embedding: String,
-}
-
-pub fn embedding(
-    g: &mut GraphBuilder,
-    backbone: &Backbone,
-    x: &str,
-    h: usize,
-    w: usize,
-    pre_dim: usize,
-    d: usize,
-) -> Result<Embedding, GraphError> {
-    let feats = backbone.build(g, x, h, w, BnMode::Eval)?;
-    let ((ha, wa), _) = backbone.stage_sizes(h, w);
-    let (ca, cb) = backbone.stage_channels();
-    let agg = aggregation::plan(ca, cb, pre_dim, d);
-    let ea = g.conv(
-        &feats.stage_a,
-        agg.stage_a.weight.clone(),
-        agg.stage_a.shape,
-        None,
-        1,
-        [1; 4],
-        agg.stage_a.groups,
-    );
-    let eb = g.conv(
-        &feats.stage_b,
-        agg.stage_b.weight.clone(),
-        agg.stage_b.shape,
-        None,
-        1,
-        [1; 4],
-        agg.stage_b.groups,
-    );
-    let eb = g.resize_bilinear(&eb, ha, wa);
-    let emb = if agg.concat {
-        g.node("Concat", &[&ea, &eb], vec![("axis", Attr::Int(1))])
-    } else {
-        g.add(&ea, &eb)
-    };
-    // [N,D,h,w] -> [N,P,D]
-    let emb = g.reshape(&emb, &[0, d as i64, -1]);
-    let emb = g.transpose(&emb, &[0, 2, 1]);
-    Ok(Embedding {
-        backbone: feats,
-        embedding: emb,
-    })
-}
-
-/// A graph from `image` [N,3,H,W] to `embedding` [N,P,D]: the frozen part of the model,
-/// whose outputs training caches.
-pub fn embedding_graph(
-    backbone: &Backbone,
-    h: usize,
-    w: usize,
-    pre_dim: usize,
-    d: usize,
-) -> Result<Vec<u8>, GraphError> {
-    let mut g = GraphBuilder::new();
-    let n = Dim::Sym("N");
-    let x = image_input(&mut g, n.clone(), h, w);
-    let emb = embedding(&mut g, backbone, &x, h, w, pre_dim, d)?;
-    let ((ha, wa), _) = backbone.stage_sizes(h, w);
-    g.output(
-        &emb.embedding,
-        "embedding",
-        ElemType::F32,
-        vec![n, Dim::Fixed((ha * wa) as i64), Dim::Fixed(d as i64)],
-    );
-    Ok(g.to_bytes("cras_embedding", "cras"))
 }
 
 impl CrasModel<'_> {
@@ -247,33 +117,66 @@ impl CrasModel<'_> {
         let n = Dim::Sym("N");
         let (h, w) = (self.height, self.width);
         let d = self.head.embed_dim;
-        let c = self.centers.classes;
         let x = image_input(&mut g, n.clone(), h, w);
         let emb = embedding(&mut g, self.backbone, &x, h, w, self.pre_dim, d)?;
-        let feats = emb.backbone;
         let ((ha, wa), _) = self.backbone.stage_sizes(h, w);
-        let p = ha * wa;
-        let emb = emb.embedding;
-
         let f = g.linear(
-            &emb,
+            &emb.embedding,
             &self.head.adaptor_weight,
             d,
             d,
             Some(&self.head.adaptor_bias),
         );
+        let centers = g.init_f32(
+            "centers",
+            &[self.centers.classes * ha * wa, d],
+            self.centers.data.clone(),
+        );
+        let class_id = self.class_choice(&mut g, &f, &centers);
+        let (residual, q) = self.center_residual(&mut g, &f, &centers, &class_id);
+        let s = self.scorer(&mut g, &f, &residual);
+        let patch_scores = g.reshape(&s, &[0, ha as i64, wa as i64]);
+        let image_score = g.node(
+            "ReduceMax",
+            &[&patch_scores],
+            vec![("axes", Attr::Ints(vec![1, 2])), ("keepdims", Attr::Int(0))],
+        );
+        let grid = g.reshape(&s, &[0, 1, ha as i64, wa as i64]);
+        let map = map_stage(&mut g, &grid, h, w);
+        let fixed = |v: usize| Dim::Fixed(v as i64);
+        g.output(
+            &map,
+            "anomaly_map",
+            ElemType::F32,
+            vec![n.clone(), fixed(1), fixed(h), fixed(w)],
+        );
+        g.output(
+            &patch_scores,
+            "patch_scores",
+            ElemType::F32,
+            vec![n.clone(), fixed(ha), fixed(wa)],
+        );
+        g.output(&image_score, "image_score", ElemType::F32, vec![n.clone()]);
+        g.output(&class_id, "class_id", ElemType::I64, vec![n.clone()]);
+        if opts.debug_outputs {
+            let inner = [("embedding", &emb.embedding), ("adapted", &f)];
+            debug_outputs(&mut g, &emb.backbone, &inner, &q, ha * wa, d);
+        }
+        Ok(g.to_bytes("cras", "cras"))
+    }
 
-        // Class per image: argmax of cosine(f flattened, center_c flattened). |f| is the
-        // same for every class, so dividing the dot products by |center_c| suffices.
-        let centers = g.init_f32("centers", &[c * p, d], self.centers.data.clone());
+    /// Class per image: argmax of cosine(f flattened, center_c flattened). |f| is the
+    /// same for every class, so dividing the dot products by |center_c| suffices.
+    fn class_choice(&self, g: &mut GraphBuilder, f: &str, centers: &str) -> String {
+        let (c, p, d) = (self.centers.classes, self.centers.patches, self.centers.dim);
         let inv_norm: Vec<f32> = self
             .centers
             .data
             .chunks(p * d)
             .map(|cc| (1.0 / cc.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt()) as f32)
             .collect();
-        let f_flat = g.reshape(&f, &[0, -1]);
-        let centers_flat = g.reshape(&centers, &[c as i64, -1]);
+        let f_flat = g.reshape(f, &[0, -1]);
+        let centers_flat = g.reshape(centers, &[c as i64, -1]);
         let dots = g.node(
             "Gemm",
             &[&f_flat, &centers_flat],
@@ -281,22 +184,32 @@ impl CrasModel<'_> {
         );
         let inv = g.init_f32("center_inv_norm", &[c], inv_norm);
         let cos = g.node("Mul", &[&dots, &inv], vec![]);
-        let class_id = g.node(
+        g.node(
             "ArgMax",
             &[&cos],
             vec![("axis", Attr::Int(1)), ("keepdims", Attr::Int(0))],
-        );
+        )
+    }
 
-        // Local center: rows class*P .. class*P+P of the bank, most similar by cosine.
+    /// Local center: rows class*P .. class*P+P of the bank, the most similar by cosine
+    /// for each patch. Returns the residual f - center and the chosen rows q.
+    fn center_residual(
+        &self,
+        g: &mut GraphBuilder,
+        f: &str,
+        centers: &str,
+        class_id: &str,
+    ) -> (String, String) {
+        let p = self.centers.patches;
         let ax1 = g.init_i64("axes", &[1], vec![1]);
-        let class_col = g.node("Unsqueeze", &[&class_id, &ax1], vec![]);
+        let class_col = g.node("Unsqueeze", &[class_id, &ax1], vec![]);
         let p_const = g.init_i64("patches", &[], vec![p as i64]);
         let base = g.node("Mul", &[&class_col, &p_const], vec![]);
         let range = g.init_i64("positions", &[1, p], (0..p as i64).collect());
         let bank_idx = g.node("Add", &[&base, &range], vec![]);
         let bank = g.node(
             "Gather",
-            &[&centers, &bank_idx],
+            &[centers, &bank_idx],
             vec![("axis", Attr::Int(0))],
         );
         let norm = g.node(
@@ -307,124 +220,59 @@ impl CrasModel<'_> {
         let bank_n = g.node("Div", &[&bank, &norm], vec![]);
         let bank_t = g.transpose(&bank_n, &[0, 2, 1]);
         // |f_p| is constant along the search, so f itself ranks like its cosine.
-        let sim = g.node("MatMul", &[&f, &bank_t], vec![]);
+        let sim = g.node("MatMul", &[f, &bank_t], vec![]);
         let q = g.node(
             "ArgMax",
             &[&sim],
             vec![("axis", Attr::Int(2)), ("keepdims", Attr::Int(0))],
         );
         let gidx = g.node("Add", &[&base, &q], vec![]);
-        let matched = g.node("Gather", &[&centers, &gidx], vec![("axis", Attr::Int(0))]);
-        let residual = g.node("Sub", &[&f, &matched], vec![]);
+        let matched = g.node("Gather", &[centers, &gidx], vec![("axis", Attr::Int(0))]);
+        (g.node("Sub", &[f, &matched], vec![]), q)
+    }
 
-        // Scorer on [f, r].
-        let mut s = g.node("Concat", &[&f, &residual], vec![("axis", Attr::Int(2))]);
+    /// The scorer on [f, r]: Linear + LeakyReLU blocks (BatchNorm folded), a bias-free
+    /// tail, a sigmoid. [N, P, 1].
+    fn scorer(&self, g: &mut GraphBuilder, f: &str, residual: &str) -> String {
+        let mut s = g.node("Concat", &[f, residual], vec![("axis", Attr::Int(2))]);
         for layer in &self.head.hidden {
             s = g.linear(&s, &layer.weight, layer.out, layer.inp, Some(&layer.bias));
             s = g.node("LeakyRelu", &[&s], vec![("alpha", Attr::Float(0.2))]);
         }
-        let tail_in = self.head.hidden.last().map(|l| l.out).unwrap_or(2 * d);
+        let tail_in = self
+            .head
+            .hidden
+            .last()
+            .map(|l| l.out)
+            .unwrap_or(2 * self.head.embed_dim);
         s = g.linear(&s, &self.head.tail, 1, tail_in, None);
-        s = g.node("Sigmoid", &[&s], vec![]);
-
-        let patch_scores = g.reshape(&s, &[0, ha as i64, wa as i64]);
-        let image_score = g.node(
-            "ReduceMax",
-            &[&patch_scores],
-            vec![("axes", Attr::Ints(vec![1, 2])), ("keepdims", Attr::Int(0))],
-        );
-        let grid = g.reshape(&s, &[0, 1, ha as i64, wa as i64]);
-        let map = map_stage(&mut g, &grid, h, w);
-
-        g.output(
-            &map,
-            "anomaly_map",
-            ElemType::F32,
-            vec![
-                n.clone(),
-                Dim::Fixed(1),
-                Dim::Fixed(h as i64),
-                Dim::Fixed(w as i64),
-            ],
-        );
-        g.output(
-            &patch_scores,
-            "patch_scores",
-            ElemType::F32,
-            vec![n.clone(), Dim::Fixed(ha as i64), Dim::Fixed(wa as i64)],
-        );
-        g.output(&image_score, "image_score", ElemType::F32, vec![n.clone()]);
-        g.output(&class_id, "class_id", ElemType::I64, vec![n.clone()]);
-        if opts.debug_outputs {
-            let (sa, sb) = (feats.stage_a.clone(), feats.stage_b.clone());
-            g.output(
-                &sa,
-                "stage_a",
-                ElemType::F32,
-                vec![n.clone(), Dim::Sym("ca"), Dim::Sym("ha"), Dim::Sym("wa")],
-            );
-            g.output(
-                &sb,
-                "stage_b",
-                ElemType::F32,
-                vec![n.clone(), Dim::Sym("cb"), Dim::Sym("hb"), Dim::Sym("wb")],
-            );
-            g.output(
-                &emb,
-                "embedding",
-                ElemType::F32,
-                vec![n.clone(), Dim::Fixed(p as i64), Dim::Fixed(d as i64)],
-            );
-            g.output(
-                &f,
-                "adapted",
-                ElemType::F32,
-                vec![n.clone(), Dim::Fixed(p as i64), Dim::Fixed(d as i64)],
-            );
-            g.output(&q, "q", ElemType::I64, vec![n, Dim::Fixed(p as i64)]);
-        }
-        Ok(g.to_bytes("cras", "cras"))
+        g.node("Sigmoid", &[&s], vec![])
     }
 }
 
-/// The backbone-only graph that replays a train-mode pass, and the BatchNorm layers
-/// whose statistics it outputs (`<key>.mean`, `<key>.var`) with their per-channel counts.
-pub struct BnReplayGraph {
-    pub onnx: Vec<u8>,
-    pub layers: Vec<(String, usize)>,
-}
-
-/// A graph of the backbone alone with train-mode BatchNorm whose outputs are every
-/// layer's batch mean and variance: running it on the reference's all-ones image
-/// replays the train-mode pass its training script makes (docs/decisions.md, "BatchNorm replay").
-pub fn bn_replay_graph(
-    backbone: &Backbone,
-    h: usize,
-    w: usize,
-) -> Result<BnReplayGraph, GraphError> {
-    let mut g = GraphBuilder::new();
-    let x = image_input(&mut g, Dim::Fixed(1), h, w);
-    let out = backbone.build(&mut g, &x, h, w, BnMode::Train)?;
-    let mut layers = Vec::new();
-    for st in &out.bn_stats {
-        g.output(
-            &st.mean,
-            &format!("{}.mean", st.key),
-            ElemType::F32,
-            vec![Dim::Sym("c")],
-        );
-        g.output(
-            &st.var,
-            &format!("{}.var", st.key),
-            ElemType::F32,
-            vec![Dim::Sym("c")],
-        );
-        layers.push((st.key.clone(), st.count));
+/// The parity outputs: the backbone's stages, the embedding and the adapted features
+/// ([N, P, D] each, as `inner` names them) and the chosen center rows `q`.
+fn debug_outputs(
+    g: &mut GraphBuilder,
+    backbone: &crate::backbone::BackboneOutputs,
+    inner: &[(&str, &String)],
+    q: &str,
+    p: usize,
+    d: usize,
+) {
+    let n = Dim::Sym("N");
+    for (name, value, c, hh, ww) in [
+        ("stage_a", &backbone.stage_a, "ca", "ha", "wa"),
+        ("stage_b", &backbone.stage_b, "cb", "hb", "wb"),
+    ] {
+        let dims = vec![n.clone(), Dim::Sym(c), Dim::Sym(hh), Dim::Sym(ww)];
+        g.output(value, name, ElemType::F32, dims);
     }
-    Ok(BnReplayGraph {
-        onnx: g.to_bytes("cras_bn_replay", "cras"),
-        layers,
-    })
+    for (name, value) in inner {
+        let dims = vec![n.clone(), Dim::Fixed(p as i64), Dim::Fixed(d as i64)];
+        g.output(value, name, ElemType::F32, dims);
+    }
+    g.output(q, "q", ElemType::I64, vec![n, Dim::Fixed(p as i64)]);
 }
 
 #[cfg(test)]

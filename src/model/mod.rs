@@ -2,5 +2,7 @@
 
 pub mod aggregation;
 pub mod bundle;
+pub mod embedding;
 pub mod graph;
 pub mod head;
+pub mod map;

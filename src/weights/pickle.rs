@@ -191,192 +191,189 @@ impl<'a> Machine<'a> {
                 }
                 b'.' => return self.pop(),
                 b'(' => self.marks.push(self.stack.len()),
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
-                b'K' => {
-                    let v = self.u8()? as i64;
-                    self.stack.push(Value::Int(v))
-                }
-                b'M' => {
-                    let v = self.u16()? as i64;
-                    self.stack.push(Value::Int(v))
-                }
-                b'J' => {
-                    let v = self.u32()? as i32 as i64;
-                    self.stack.push(Value::Int(v))
-                }
-                0x8a => {
-                    // LONG1: little-endian two's complement of n bytes
-                    let n = self.u8()? as usize;
-                    let b = self.take(n)?;
-                    if n > 8 {
-                        self.stack.push(Value::BigInt(b.to_vec()));
-                        continue;
-                    }
-                    let mut v: i64 = 0;
-                    for (i, byte) in b.iter().enumerate() {
-                        v |= (*byte as i64) << (8 * i);
-                    }
-                    if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
-                        v -= 1i64 << (8 * n);
-                    }
-                    self.stack.push(Value::Int(v))
-                }
-                b'G' => {
-                    let b = self.take(8)?;
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(b);
-                    self.stack.push(Value::Float(f64::from_be_bytes(a)))
-                }
-                b'X' => {
-                    let n = self.u32()? as usize;
-                    let v = self.string(n)?;
-                    self.stack.push(v)
-                }
-                0x8c => {
-                    let n = self.u8()? as usize;
-                    let v = self.string(n)?;
-                    self.stack.push(v)
-                }
-                0x8d => {
-                    let n = self.u64()? as usize;
-                    let v = self.string(n)?;
-                    self.stack.push(v)
-                }
-                b'U' => {
-                    let n = self.u8()? as usize;
-                    let v = self.string(n)?;
-                    self.stack.push(v)
-                }
-                b'T' => {
-                    let n = self.u32()? as usize;
-                    let v = self.string(n)?;
-                    self.stack.push(v)
-                }
-                b'C' => {
-                    let n = self.u8()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b))
-                }
-                b'B' => {
-                    let n = self.u32()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b))
-                }
-                b'}' => self.stack.push(Value::Dict(Vec::new())),
-                b']' => self.stack.push(Value::List(Vec::new())),
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
-                b't' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(items))
-                }
-                0x85 => {
-                    let a = self.pop()?;
-                    self.stack.push(Value::Tuple(vec![a]))
-                }
-                0x86 => {
-                    let b = self.pop()?;
-                    let a = self.pop()?;
-                    self.stack.push(Value::Tuple(vec![a, b]))
-                }
-                0x87 => {
-                    let c = self.pop()?;
-                    let b = self.pop()?;
-                    let a = self.pop()?;
-                    self.stack.push(Value::Tuple(vec![a, b, c]))
-                }
-                b'q' => {
-                    let k = self.u8()? as u64;
-                    self.memo_put(k)?
-                }
-                b'r' => {
-                    let k = self.u32()? as u64;
-                    self.memo_put(k)?
-                }
-                0x94 => {
-                    let k = self.memo.len() as u64;
-                    self.memo_put(k)?
-                }
-                b'h' => {
-                    let k = self.u8()? as u64;
-                    self.memo_get(k)?
-                }
-                b'j' => {
-                    let k = self.u32()? as u64;
-                    self.memo_get(k)?
-                }
-                b'c' => {
-                    let module = self.line()?;
-                    let name = self.line()?;
-                    self.stack.push(Value::Global(module, name))
-                }
-                0x93 => {
-                    let name = self.pop()?;
-                    let module = self.pop()?;
-                    match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => self.stack.push(Value::Global(m, n)),
-                        _ => return Err(PickleError::Malformed(at, "STACK_GLOBAL needs strings")),
-                    }
-                }
-                b'R' | 0x81 => {
-                    let args = self.pop()?;
-                    let func = self.pop()?;
-                    let args = match args {
-                        Value::Tuple(a) => a,
-                        _ => return Err(PickleError::Malformed(at, "REDUCE args not a tuple")),
-                    };
-                    self.stack.push(Value::Call {
-                        func: Box::new(func),
-                        args,
-                        state: None,
-                        items: Vec::new(),
-                    })
-                }
-                b'b' => {
-                    let st = self.pop()?;
-                    match self.top()? {
-                        Value::Call { state, .. } => *state = Some(Box::new(st)),
-                        _ => { /* BUILD on plain containers carries no data torch needs */ }
-                    }
-                }
-                b'Q' => {
-                    let pid = self.pop()?;
-                    self.stack.push(Value::Persistent(Box::new(pid)))
-                }
-                b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    self.set_items(vec![k, v])?
-                }
-                b'u' => {
-                    let items = self.pop_mark()?;
-                    self.set_items(items)?
-                }
-                b'a' => {
-                    let v = self.pop()?;
-                    match self.top()? {
-                        Value::List(l) => l.push(v),
-                        _ => return Err(PickleError::Malformed(at, "APPEND on non-list")),
-                    }
-                }
-                b'e' => {
-                    let items = self.pop_mark()?;
-                    match self.top()? {
-                        Value::List(l) => l.extend(items),
-                        _ => return Err(PickleError::Malformed(at, "APPENDS on non-list")),
-                    }
-                }
-                b'0' => {
-                    self.pop()?;
-                }
-                b'2' => {
-                    let v = self.top()?.clone();
-                    self.stack.push(v)
-                }
-                _ => return Err(PickleError::UnsupportedOpcode(op, at)),
+                _ => match self.literal(op)? {
+                    Some(v) => self.stack.push(v),
+                    None => self.structure(op, at)?,
+                },
             }
         }
+    }
+
+    /// The value of an opcode that pushes a constant, a number, a string or bytes, or an
+    /// empty container; None for any other opcode.
+    fn literal(&mut self, op: u8) -> Result<Option<Value>, PickleError> {
+        let v = match op {
+            b'N' => Value::None,
+            0x88 => Value::Bool(true),
+            0x89 => Value::Bool(false),
+            b'K' => Value::Int(self.u8()? as i64),
+            b'M' => Value::Int(self.u16()? as i64),
+            b'J' => Value::Int(self.u32()? as i32 as i64),
+            0x8a => {
+                // LONG1: little-endian two's complement of n bytes
+                let n = self.u8()? as usize;
+                let b = self.take(n)?;
+                if n > 8 {
+                    return Ok(Some(Value::BigInt(b.to_vec())));
+                }
+                let mut v: i64 = 0;
+                for (i, byte) in b.iter().enumerate() {
+                    v |= (*byte as i64) << (8 * i);
+                }
+                if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
+                    v -= 1i64 << (8 * n);
+                }
+                Value::Int(v)
+            }
+            b'G' => {
+                let b = self.take(8)?;
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                Value::Float(f64::from_be_bytes(a))
+            }
+            b'X' | b'T' => {
+                let n = self.u32()? as usize;
+                self.string(n)?
+            }
+            0x8c | b'U' => {
+                let n = self.u8()? as usize;
+                self.string(n)?
+            }
+            0x8d => {
+                let n = self.u64()? as usize;
+                self.string(n)?
+            }
+            b'C' => {
+                let n = self.u8()? as usize;
+                let b = self.take(n)?.to_vec();
+                Value::Bytes(b)
+            }
+            b'B' => {
+                let n = self.u32()? as usize;
+                let b = self.take(n)?.to_vec();
+                Value::Bytes(b)
+            }
+            b'}' => Value::Dict(Vec::new()),
+            b']' => Value::List(Vec::new()),
+            b')' => Value::Tuple(Vec::new()),
+            _ => return Ok(None),
+        };
+        Ok(Some(v))
+    }
+
+    /// Opcodes that build on the stack: tuples, the memo, globals, calls, containers.
+    fn structure(&mut self, op: u8, at: usize) -> Result<(), PickleError> {
+        match op {
+            b't' => {
+                let items = self.pop_mark()?;
+                self.stack.push(Value::Tuple(items))
+            }
+            0x85 => {
+                let a = self.pop()?;
+                self.stack.push(Value::Tuple(vec![a]))
+            }
+            0x86 => {
+                let b = self.pop()?;
+                let a = self.pop()?;
+                self.stack.push(Value::Tuple(vec![a, b]))
+            }
+            0x87 => {
+                let c = self.pop()?;
+                let b = self.pop()?;
+                let a = self.pop()?;
+                self.stack.push(Value::Tuple(vec![a, b, c]))
+            }
+            b'q' => {
+                let k = self.u8()? as u64;
+                self.memo_put(k)?
+            }
+            b'r' => {
+                let k = self.u32()? as u64;
+                self.memo_put(k)?
+            }
+            0x94 => {
+                let k = self.memo.len() as u64;
+                self.memo_put(k)?
+            }
+            b'h' => {
+                let k = self.u8()? as u64;
+                self.memo_get(k)?
+            }
+            b'j' => {
+                let k = self.u32()? as u64;
+                self.memo_get(k)?
+            }
+            b'c' => {
+                let module = self.line()?;
+                let name = self.line()?;
+                self.stack.push(Value::Global(module, name))
+            }
+            0x93 => {
+                let name = self.pop()?;
+                let module = self.pop()?;
+                match (module, name) {
+                    (Value::Str(m), Value::Str(n)) => self.stack.push(Value::Global(m, n)),
+                    _ => return Err(PickleError::Malformed(at, "STACK_GLOBAL needs strings")),
+                }
+            }
+            b'R' | 0x81 => {
+                let args = self.pop()?;
+                let func = self.pop()?;
+                let args = match args {
+                    Value::Tuple(a) => a,
+                    _ => return Err(PickleError::Malformed(at, "REDUCE args not a tuple")),
+                };
+                self.stack.push(Value::Call {
+                    func: Box::new(func),
+                    args,
+                    state: None,
+                    items: Vec::new(),
+                })
+            }
+            b'b' => {
+                let st = self.pop()?;
+                match self.top()? {
+                    Value::Call { state, .. } => *state = Some(Box::new(st)),
+                    _ => { /* BUILD on plain containers carries no data torch needs */ }
+                }
+            }
+            b'Q' => {
+                let pid = self.pop()?;
+                self.stack.push(Value::Persistent(Box::new(pid)))
+            }
+            b's' => {
+                let v = self.pop()?;
+                let k = self.pop()?;
+                self.set_items(vec![k, v])?
+            }
+            b'u' => {
+                let items = self.pop_mark()?;
+                self.set_items(items)?
+            }
+            b'a' => {
+                let v = self.pop()?;
+                match self.top()? {
+                    Value::List(l) => l.push(v),
+                    _ => return Err(PickleError::Malformed(at, "APPEND on non-list")),
+                }
+            }
+            b'e' => {
+                let items = self.pop_mark()?;
+                match self.top()? {
+                    Value::List(l) => l.extend(items),
+                    _ => return Err(PickleError::Malformed(at, "APPENDS on non-list")),
+                }
+            }
+            b'0' => {
+                self.pop()?;
+            }
+            b'2' => {
+                let v = self.top()?.clone();
+                self.stack.push(v)
+            }
+            _ => return Err(PickleError::UnsupportedOpcode(op, at)),
+        }
+        Ok(())
     }
 }
 
