@@ -22,7 +22,7 @@ use crate::dataset::ClassData;
 use crate::engine::{CrasOutputs, EngineKind, EngineOptions};
 use crate::model::bundle::{Bundle, ClassThresholds};
 use crate::preprocess;
-use anyhow::{Context, Result, bail};
+use crate::tool_error::{Result, ToolError};
 use std::path::PathBuf;
 
 pub struct CalibrateOptions {
@@ -118,7 +118,9 @@ pub fn run(o: &CalibrateOptions) -> Result<Bundle> {
         || !(0.0..=1.0).contains(&o.pixel_quantile)
         || o.margin < 0.0
     {
-        bail!("--quantile and --pixel-quantile must be in [0, 1] and --margin at least 0");
+        return Err(ToolError::Options(
+            "--quantile and --pixel-quantile must be in [0, 1] and --margin at least 0".into(),
+        ));
     }
     let mut bundle = Bundle::read(&o.model)?;
     let classes = crate::dataset::open(&o.data, &bundle.meta.classes)?;
@@ -141,7 +143,10 @@ pub fn run(o: &CalibrateOptions) -> Result<Bundle> {
             let paths = &goods[ci];
             let mut s = score(engine.as_mut(), &bundle, paths)?;
             if s.image.is_empty() {
-                bail!("class `{}`: no readable good image to calibrate on", c.name);
+                return Err(ToolError::Data(format!(
+                    "class `{}`: no readable good image to calibrate on",
+                    c.name
+                )));
             }
             let image = threshold_from_good(&mut s.image, o.quantile, o.margin);
             let pixel = threshold_from_good(&mut s.pixels, o.pixel_quantile, o.margin);
@@ -184,20 +189,21 @@ fn labelled_thresholds(
     let spec = &bundle.meta.input;
     let paths: Vec<PathBuf> = c.test.iter().map(|t| t.path.clone()).collect();
     if !c.test.iter().any(|t| t.is_defect()) || !c.test.iter().any(|t| !t.is_defect()) {
-        bail!(
+        return Err(ToolError::Data(format!(
             "class `{}`: --with-defects needs good and defective test images",
             c.name
-        );
+        )));
     }
     let s = score(engine, bundle, &paths)?;
     if s.image.len() != c.test.len() {
-        bail!(
+        return Err(ToolError::Data(format!(
             "class `{}`: some test images could not be read; fix them before calibrating on labels",
             c.name
-        );
+        )));
     }
     let labels: Vec<bool> = c.test.iter().map(|t| t.is_defect()).collect();
-    let (f1, image) = crate::metrics::f1_max(&s.image, &labels).context("no defects")?;
+    let (f1, image) = crate::metrics::f1_max(&s.image, &labels)
+        .ok_or_else(|| ToolError::Data(format!("class `{}`: no defects", c.name)))?;
     let pixel = if c.test.iter().all(|t| !t.is_defect() || t.mask.is_some()) {
         let mut lab = Vec::with_capacity(s.pixels.len());
         for t in &c.test {

@@ -2,10 +2,28 @@
 //! `<class>/train/good/*`, `<class>/test/<good|defect type>/*`,
 //! `<class>/ground_truth/<defect type>/<name>_mask.png`.
 
+use crate::path_error::PathError;
 use crate::rng::Rng;
-use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 
+/// Why a dataset cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error(transparent)]
+    Read(#[from] PathError),
+    #[error("no classes given")]
+    NoClasses,
+    #[error("class `{class}`: {path} is not a folder (expected MVTec layout <class>/train/good)")]
+    NotAClass { class: String, path: PathBuf },
+    #[error("{0} holds no class folders in MVTec layout (<class>/train/good)")]
+    Empty(PathBuf),
+    #[error("cannot read mask {path}: {reason}")]
+    Mask { path: PathBuf, reason: String },
+    #[error("class `{class}` has {images} training images; at least 2 are needed")]
+    TooFewImages { class: String, images: usize },
+}
+
+type Result<T> = std::result::Result<T, DatasetError>;
 const IMAGE_EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "PNG"];
 
 #[derive(Debug, Clone)]
@@ -31,7 +49,7 @@ pub struct ClassData {
 
 fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read {}", dir.display()))?
+        .map_err(PathError::on("read", dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.is_file()
@@ -48,16 +66,16 @@ fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
 /// split may be absent (training only).
 pub fn open(root: &Path, classes: &[String]) -> Result<Vec<ClassData>> {
     if classes.is_empty() {
-        bail!("no classes given");
+        return Err(DatasetError::NoClasses);
     }
     let mut out = Vec::new();
     for name in classes {
         let dir = root.join(name);
         if !dir.is_dir() {
-            bail!(
-                "class `{name}`: {} is not a folder (expected MVTec layout <class>/train/good)",
-                dir.display()
-            );
+            return Err(DatasetError::NotAClass {
+                class: name.clone(),
+                path: dir,
+            });
         }
         let train_dir = dir.join("train/good");
         let train_good = if train_dir.is_dir() {
@@ -69,7 +87,7 @@ pub fn open(root: &Path, classes: &[String]) -> Result<Vec<ClassData>> {
         let test_dir = dir.join("test");
         if test_dir.is_dir() {
             let mut kinds: Vec<PathBuf> = std::fs::read_dir(&test_dir)
-                .with_context(|| format!("cannot read {}", test_dir.display()))?
+                .map_err(PathError::on("read", &test_dir))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.is_dir())
                 .collect();
@@ -113,17 +131,14 @@ pub fn open(root: &Path, classes: &[String]) -> Result<Vec<ClassData>> {
 /// The class names under `root` that have a `train/good` folder, sorted.
 pub fn discover_classes(root: &Path) -> Result<Vec<String>> {
     let mut v: Vec<String> = std::fs::read_dir(root)
-        .with_context(|| format!("cannot read dataset folder {}", root.display()))?
+        .map_err(PathError::on("read", root))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("train/good").is_dir() || p.join("test").is_dir())
         .filter_map(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
         .collect();
     v.sort();
     if v.is_empty() {
-        bail!(
-            "{} holds no class folders in MVTec layout (<class>/train/good)",
-            root.display()
-        );
+        return Err(DatasetError::Empty(root.to_path_buf()));
     }
     Ok(v)
 }
@@ -131,7 +146,10 @@ pub fn discover_classes(root: &Path) -> Result<Vec<String>> {
 /// A ground-truth mask through the images' resize and crop, as booleans (> 127).
 pub fn load_mask(path: &Path, spec: &crate::preprocess::InputSpec) -> Result<Vec<bool>> {
     let m = image::open(path)
-        .with_context(|| format!("cannot read mask {}", path.display()))?
+        .map_err(|e| DatasetError::Mask {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?
         .to_rgb8();
     let crop = crate::preprocess::resize_and_crop(&m, spec);
     Ok(crop.pixels().map(|p| p.0[0] > 127).collect())
@@ -149,11 +167,10 @@ pub fn holdout_split(
     let mut out = Vec::new();
     for c in classes {
         if c.train_good.len() < 2 {
-            bail!(
-                "class `{}` has {} training images; at least 2 are needed",
-                c.name,
-                c.train_good.len()
-            );
+            return Err(DatasetError::TooFewImages {
+                class: c.name.clone(),
+                images: c.train_good.len(),
+            });
         }
         let mut imgs = c.train_good.clone();
         rng.shuffle(&mut imgs);

@@ -5,7 +5,8 @@
 //! runs `cras run` in the foreground. Every step is skipped when its output exists, so
 //! a second start is immediate. Works without a broker: alarms wait in the spool.
 
-use anyhow::{Context, Result, bail};
+use crate::path_error::PathError;
+use crate::tool_error::{Result, ToolError};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -42,23 +43,26 @@ pub const TEMPLATES: [(&str, &str); 7] = [
 
 fn step(cmd: &mut Command, what: &str) -> Result<()> {
     eprintln!("cras demo: {what}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {what}"))?;
+    let status = cmd.status().map_err(|source| ToolError::Spawn {
+        what: what.to_string(),
+        source,
+    })?;
     if !status.success() {
-        bail!("{what} failed ({status})");
+        return Err(ToolError::Step {
+            what: what.to_string(),
+            status,
+        });
     }
     Ok(())
 }
 
 /// Prepares the demo line in `opts.dir`; returns the config file to run.
 pub fn prepare(opts: &DemoOptions) -> Result<PathBuf> {
-    let me = std::env::current_exe().context("cannot find the cras executable")?;
+    let me =
+        std::env::current_exe().map_err(PathError::on("find", Path::new("the cras executable")))?;
     let dir = &opts.dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let dir = dir
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(PathError::on("create", dir))?;
+    let dir = dir.canonicalize().map_err(PathError::on("resolve", dir))?;
     step(
         Command::new(&me).args(["setup", "--backbone", "efficientnet_lite0"]),
         "installing the onnxruntime library and EfficientNet-Lite0 weights (once)",
@@ -111,9 +115,10 @@ pub fn prepare(opts: &DemoOptions) -> Result<PathBuf> {
         lay_out_frames(&data, &frames)?;
     }
     let pipelines = dir.join("pipelines");
-    std::fs::create_dir_all(&pipelines)?;
+    std::fs::create_dir_all(&pipelines).map_err(PathError::on("create", &pipelines))?;
     for (name, text) in TEMPLATES {
-        std::fs::write(pipelines.join(format!("{name}.pipeline")), text)?;
+        let file = pipelines.join(format!("{name}.pipeline"));
+        std::fs::write(&file, text).map_err(PathError::on("write", &file))?;
     }
     let config = dir.join("config.yaml");
     std::fs::write(
@@ -134,7 +139,8 @@ pub fn prepare(opts: &DemoOptions) -> Result<PathBuf> {
             broker = opts.broker,
             http = opts.http,
         ),
-    )?;
+    )
+    .map_err(PathError::on("write", &config))?;
     Ok(config)
 }
 
@@ -144,9 +150,10 @@ fn lay_out_frames(data: &Path, frames: &Path) -> Result<()> {
     let mut bad = Vec::new();
     for class in crate::dataset::discover_classes(data)? {
         let test = data.join(&class).join("test");
-        for e in std::fs::read_dir(&test).with_context(|| format!("{}", test.display()))? {
-            let kind = e?.path();
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&kind)?
+        for e in std::fs::read_dir(&test).map_err(PathError::on("read", &test))? {
+            let kind = e.map_err(PathError::on("read", &test))?.path();
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&kind)
+                .map_err(PathError::on("read", &kind))?
                 .filter_map(|f| f.ok().map(|f| f.path()))
                 .filter(|p| p.extension().is_some_and(|x| x == "png"))
                 .collect();
@@ -158,13 +165,13 @@ fn lay_out_frames(data: &Path, frames: &Path) -> Result<()> {
             }
         }
     }
-    std::fs::create_dir_all(frames)?;
+    std::fs::create_dir_all(frames).map_err(PathError::on("create", frames))?;
     let n = good.len().max(bad.len());
     let mut i = 0;
     for k in 0..n {
         for src in [good.get(k), bad.get(k)].into_iter().flatten() {
             std::fs::copy(src, frames.join(format!("{i:05}.png")))
-                .with_context(|| format!("cannot copy {}", src.display()))?;
+                .map_err(PathError::on("copy", src))?;
             i += 1;
         }
     }

@@ -8,9 +8,10 @@ use crate::model::bundle::{
 };
 use crate::model::graph::{CrasModel, GraphOptions, bn_replay_graph};
 use crate::model::head::{Centers, CrasHead};
+use crate::path_error::PathError;
 use crate::preprocess::InputSpec;
+use crate::tool_error::{Result, ToolError};
 use crate::weights::StateDict;
-use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -60,7 +61,11 @@ pub fn replay_train_mode_pass(
             .find(|t| t.name == name)
             .and_then(|t| t.f32())
             .map(<[f32]>::to_vec)
-            .with_context(|| format!("BatchNorm replay output {name} missing"))
+            .ok_or_else(|| {
+                ToolError::Engine(crate::engine::EngineError::Output(format!(
+                    "BatchNorm replay {name}"
+                )))
+            })
     };
     let mut stats = Vec::new();
     for (key, count) in replay.layers {
@@ -81,17 +86,16 @@ fn source(path: &Path) -> Result<SourceFile> {
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        sha256: sha256_file(path).with_context(|| format!("cannot read {}", path.display()))?,
+        sha256: sha256_file(path).map_err(PathError::on("read", path))?,
     })
 }
 
 pub fn import_reference(opts: &ImportOptions) -> Result<Bundle> {
     if opts.input.resize < opts.input.height {
-        bail!(
+        return Err(ToolError::Options(format!(
             "--resize ({}) must be at least --image-size ({})",
-            opts.input.resize,
-            opts.input.height
-        );
+            opts.input.resize, opts.input.height
+        )));
     }
     tracing::info!(
         "reading backbone {} from {}",
@@ -104,13 +108,13 @@ pub fn import_reference(opts: &ImportOptions) -> Result<Bundle> {
     tracing::info!("reading centers {}", opts.centers.display());
     let centers = Centers::load(&opts.centers)?;
     if centers.classes != opts.classes.len() {
-        bail!(
+        return Err(ToolError::Options(format!(
             "{} holds centers for {} classes but --classes names {} ({}); give one name per class, in training order",
             opts.centers.display(),
             centers.classes,
             opts.classes.len(),
             opts.classes.join(",")
-        );
+        )));
     }
     let (h, w) = (opts.input.height, opts.input.width);
     if opts.replay_bn_quirk {

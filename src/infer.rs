@@ -4,8 +4,9 @@
 use crate::engine::{CrasOutputs, Engine, EngineKind, EngineOptions};
 use crate::model::bundle::Bundle;
 use crate::overlay;
+use crate::path_error::PathError;
 use crate::preprocess;
-use anyhow::{Context, Result, bail};
+use crate::tool_error::{Result, ToolError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -80,7 +81,7 @@ fn with_suffix(stem: &Path, suffix: &str) -> PathBuf {
 /// Runs inference; returns the number of images that failed.
 pub fn run(opts: &InferOptions) -> Result<usize> {
     if opts.batch == 0 {
-        bail!("--batch must be at least 1");
+        return Err(ToolError::Options("--batch must be at least 1".into()));
     }
     let bundle = Bundle::read(&opts.model)?;
     let spec = bundle.meta.input.clone();
@@ -93,12 +94,10 @@ pub fn run(opts: &InferOptions) -> Result<usize> {
                 ..opts.engine_options.clone()
             },
         )
-        .with_context(|| {
-            format!(
-                "loading {} with the {} engine",
-                opts.model.display(),
-                opts.engine.name()
-            )
+        .map_err(|source| ToolError::LoadModel {
+            model: opts.model.clone(),
+            engine: opts.engine.name(),
+            source,
         })?;
     tracing::info!(
         "model {} ({} classes) on {}; {} images",
@@ -124,7 +123,7 @@ pub fn run(opts: &InferOptions) -> Result<usize> {
                     failures += 1;
                     tracing::error!("{e}");
                     let line = serde_json::json!({"image": path.display().to_string(), "error": e.to_string()});
-                    writeln!(stdout.lock(), "{line}")?;
+                    writeln!(stdout.lock(), "{line}").map_err(ToolError::Stdout)?;
                 }
             }
         }
@@ -162,19 +161,22 @@ pub fn run(opts: &InferOptions) -> Result<usize> {
             if let Some(out) = &opts.out {
                 let stem = output_stem(out, &root, path);
                 if let Some(parent) = stem.parent() {
-                    std::fs::create_dir_all(parent)
-                        .with_context(|| format!("cannot create {}", parent.display()))?;
+                    std::fs::create_dir_all(parent).map_err(PathError::on("create", parent))?;
                 }
                 let (h, w) = outs.map_hw;
                 let npy = with_suffix(&stem, ".map.npy");
                 crate::weights::npy::write_f32(&npy, &[h, w], outs.map(i))
-                    .with_context(|| format!("cannot write {}", npy.display()))?;
+                    .map_err(PathError::on("write", &npy))?;
                 let png = with_suffix(&stem, ".overlay.png");
                 overlay::heat_overlay(crop, outs.map(i), threshold)
                     .save(&png)
-                    .with_context(|| format!("cannot write {}", png.display()))?;
+                    .map_err(|source| ToolError::WriteImage { path: png, source })?;
             }
-            writeln!(stdout.lock(), "{}", serde_json::to_string(&result)?)?;
+            let line = serde_json::to_string(&result).map_err(|source| ToolError::Json {
+                what: "a result line",
+                source,
+            })?;
+            writeln!(stdout.lock(), "{line}").map_err(ToolError::Stdout)?;
         }
     }
     Ok(failures)

@@ -17,8 +17,22 @@ fn main() -> ExitCode {
     match cli.run() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("cras: error: {e:#}");
+            eprintln!("cras: error: {}", one_line(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes on one line. Library errors name their cause in their own
+/// message; a cause already said is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }

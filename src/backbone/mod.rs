@@ -35,16 +35,11 @@ impl BackboneKind {
         }
     }
 
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, BackboneSpecError> {
         Self::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown backbone `{s}`; known: {}",
-                    Self::ALL.map(|k| k.name()).join(", ")
-                )
-            })
+            .ok_or_else(|| BackboneSpecError::Unknown(s.to_string()))
     }
 
     /// The embedding width D a model on this backbone gets unless told otherwise: the
@@ -67,6 +62,17 @@ impl BackboneKind {
     }
 }
 
+/// Why a backbone name or `NAME=PATH` was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BackboneSpecError {
+    #[error("unknown backbone `{0}`; known: {known}", known = BackboneKind::ALL.map(|k| k.name()).join(", "))]
+    Unknown(String),
+    #[error("expected NAME=PATH (e.g. efficientnet_lite0=weights.pth), got `{0}`")]
+    NoPath(String),
+    #[error("{0}: give the weights as NAME=PATH (only efficientnet_lite0 has installable weights)")]
+    NotInstallable(String),
+}
+
 /// `NAME=PATH` as given on the command line.
 #[derive(Debug, Clone)]
 pub struct BackboneSpec {
@@ -75,11 +81,11 @@ pub struct BackboneSpec {
 }
 
 impl std::str::FromStr for BackboneSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (name, path) = s.split_once('=').ok_or_else(|| {
-            format!("expected NAME=PATH (e.g. efficientnet_lite0=weights.pth), got `{s}`")
-        })?;
+    type Err = BackboneSpecError;
+    fn from_str(s: &str) -> Result<Self, BackboneSpecError> {
+        let (name, path) = s
+            .split_once('=')
+            .ok_or_else(|| BackboneSpecError::NoPath(s.to_string()))?;
         Ok(BackboneSpec {
             kind: BackboneKind::parse(name)?,
             weights: PathBuf::from(path),

@@ -40,6 +40,17 @@ impl HttpConfig {
     }
 }
 
+/// Why the HTTP endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("http.listen {listen}: cannot listen: {reason}")]
+    Listen { listen: String, reason: String },
+    #[error("http.listen {0}: not an IP address")]
+    NotIp(String),
+    #[error("cannot start the http thread: {0}")]
+    Thread(std::io::Error),
+}
+
 pub struct HttpServer {
     pub addr: std::net::SocketAddr,
     stop: Arc<AtomicBool>,
@@ -47,13 +58,15 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    pub fn start(listen: &str, telemetry: Arc<Telemetry>) -> Result<HttpServer, String> {
-        let server = tiny_http::Server::http(listen)
-            .map_err(|e| format!("http.listen {listen}: cannot listen: {e}"))?;
+    pub fn start(listen: &str, telemetry: Arc<Telemetry>) -> Result<HttpServer, HttpError> {
+        let server = tiny_http::Server::http(listen).map_err(|e| HttpError::Listen {
+            listen: listen.to_string(),
+            reason: e.to_string(),
+        })?;
         let addr = server
             .server_addr()
             .to_ip()
-            .ok_or_else(|| format!("http.listen {listen}: not an IP address"))?;
+            .ok_or_else(|| HttpError::NotIp(listen.to_string()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -70,7 +83,7 @@ impl HttpServer {
                     }
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(HttpError::Thread)?;
         Ok(HttpServer {
             addr,
             stop,

@@ -25,7 +25,6 @@ pub mod telemetry;
 
 use crate::engine::{Engine, EngineOptions};
 use crate::model::bundle::ClassThresholds;
-use anyhow::{Context, Result};
 use config::{Config, ValidConfig};
 use crossbeam_channel::Sender;
 use gstreamer as gst;
@@ -39,6 +38,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use telemetry::Telemetry;
+
+/// Why the daemon could not start, or could not apply a reload.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("model.bundle {model}: loading with the {engine} engine: {source}")]
+    Engine {
+        model: PathBuf,
+        engine: &'static str,
+        source: crate::engine::EngineError,
+    },
+    #[error("camera {0}: no rendered pipeline")]
+    NoPipeline(String),
+    #[error("cannot start the {0} thread: {1}")]
+    Thread(String, std::io::Error),
+    #[error("cannot initialise GStreamer: {0}")]
+    Gstreamer(gst::glib::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error(transparent)]
+    Publish(#[from] publish::PublishError),
+}
+
+type Result<T> = std::result::Result<T, DaemonError>;
 
 pub struct RunOptions {
     pub config: PathBuf,
@@ -70,12 +96,10 @@ pub fn prepare(opts: &RunOptions) -> Result<Prepared> {
                 batch: c.batching.max_batch,
             },
         )
-        .with_context(|| {
-            format!(
-                "model.bundle {}: loading with the {} engine",
-                c.model.bundle.display(),
-                c.model.engine.name()
-            )
+        .map_err(|source| DaemonError::Engine {
+            model: c.model.bundle.clone(),
+            engine: c.model.engine.name(),
+            source,
         })?;
     let thresholds = c.model.thresholds(&valid.bundle);
     let publisher = PublisherSettings {
@@ -112,7 +136,7 @@ impl Topology {
         let mut queues = Vec::new();
         for (i, cam) in c.cameras.iter().enumerate() {
             let Some(pipeline) = p.valid.pipelines.get(&cam.id) else {
-                anyhow::bail!("camera {}: no rendered pipeline", cam.id);
+                return Err(DaemonError::NoPipeline(cam.id.clone()));
             };
             let (tx, rx) = crossbeam_channel::bounded(capture::QUEUE_FRAMES);
             queues.push(rx.clone());
@@ -131,7 +155,8 @@ impl Topology {
             captures.push(
                 std::thread::Builder::new()
                     .name(format!("capture-{}", cam.id))
-                    .spawn(move || capture::run_camera(src, all, stop))?,
+                    .spawn(move || capture::run_camera(src, all, stop))
+                    .map_err(|e| DaemonError::Thread(format!("capture-{}", cam.id), e))?,
             );
         }
         let (inferred_tx, inferred_rx) = crossbeam_channel::bounded(8);
@@ -150,7 +175,8 @@ impl Topology {
         };
         let inference = std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || stage.run())?;
+            .spawn(move || stage.run())
+            .map_err(|e| DaemonError::Thread("inference".into(), e))?;
         let judge = judging::JudgingStage {
             input: inferred_rx,
             out,
@@ -168,7 +194,8 @@ impl Topology {
         };
         let judging = std::thread::Builder::new()
             .name("judging".into())
-            .spawn(move || judge.run())?;
+            .spawn(move || judge.run())
+            .map_err(|e| DaemonError::Thread("judging".into(), e))?;
         if let Ok(mut m) = telemetry.model_id.lock() {
             *m = model_id;
         }
@@ -238,18 +265,18 @@ fn status_line(t: &Telemetry) -> String {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(opts: &RunOptions) -> Result<()> {
-    gst::init().context("cannot initialise GStreamer")?;
+    gst::init().map_err(DaemonError::Gstreamer)?;
     let prepared = prepare(opts)?;
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGHUP,
     ])
-    .context("cannot install signal handlers")?;
+    .map_err(DaemonError::Signals)?;
     let mut signals = signals;
     let telemetry = Arc::new(Telemetry::new());
     let listen = prepared.valid.config.http.listen.clone();
-    let http = http::HttpServer::start(&listen, telemetry.clone()).map_err(anyhow::Error::msg)?;
+    let http = http::HttpServer::start(&listen, telemetry.clone())?;
     tracing::info!(
         "metrics on http://{}/metrics, health on http://{}/healthz",
         http.addr,

@@ -13,8 +13,9 @@ use crate::dataset::{ClassData, TestImage};
 use crate::engine::{CrasOutputs, EngineKind, EngineOptions};
 use crate::metrics;
 use crate::model::bundle::Bundle;
+use crate::path_error::PathError;
 use crate::preprocess::{self, InputSpec};
-use anyhow::{Context, Result, bail};
+use crate::tool_error::{Result, ToolError};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -162,16 +163,18 @@ fn test_data(o: &EvalOptions, bundle: &Bundle) -> Result<Vec<ClassData>> {
         o.classes.clone()
     };
     if let Some(c) = classes.iter().find(|c| !known.contains(c)) {
-        bail!("class `{c}` is not one of the model's classes {known:?}");
+        return Err(ToolError::Options(format!(
+            "class `{c}` is not one of the model's classes {known:?}"
+        )));
     }
     let data = crate::dataset::open(&o.data, &classes)?;
     if let Some(c) = data.iter().find(|c| c.test.is_empty()) {
-        bail!(
+        return Err(ToolError::Data(format!(
             "class `{}` has no test images under {}/{}/test",
             c.name,
             o.data.display(),
             c.name
-        );
+        )));
     }
     Ok(data)
 }
@@ -204,8 +207,7 @@ pub fn run(o: &EvalOptions) -> Result<EvalReport> {
             ..o.engine_options.clone()
         },
     )?;
-    std::fs::create_dir_all(&o.report)
-        .with_context(|| format!("cannot create {}", o.report.display()))?;
+    std::fs::create_dir_all(&o.report).map_err(PathError::on("create", &o.report))?;
     let total: usize = data.iter().map(|c| c.test.len()).sum();
     let bar = ProgressBar::new(total as u64).with_message("eval");
     bar.set_style(
@@ -236,10 +238,12 @@ pub fn run(o: &EvalOptions) -> Result<EvalReport> {
         mean,
         failed_images: failed,
     };
-    std::fs::write(
-        o.report.join("metrics.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
+    let json = serde_json::to_string_pretty(&report).map_err(|source| ToolError::Json {
+        what: "the metrics",
+        source,
+    })?;
+    let metrics = o.report.join("metrics.json");
+    std::fs::write(&metrics, json).map_err(PathError::on("write", &metrics))?;
     report::write_index(&o.report, &report, &html_sections)?;
     Ok(report)
 }

@@ -5,8 +5,9 @@
 use super::{EvalReport, Scored};
 use crate::metrics;
 use crate::overlay;
+use crate::path_error::PathError;
 use crate::preprocess::{self, InputSpec};
-use anyhow::{Context, Result};
+use crate::tool_error::{Result, ToolError};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -153,7 +154,10 @@ pub(super) fn write_overlays(
             let name = format!("{class}_{}_{k}.png", tag.replace(' ', "_"));
             overlay::heat_overlay(&crop, &x.map, threshold)
                 .save(report.join(&name))
-                .with_context(|| format!("cannot write {name}"))?;
+                .map_err(|source| ToolError::WriteImage {
+                    path: report.join(&name),
+                    source,
+                })?;
             out.push((
                 name,
                 format!(
@@ -233,6 +237,6 @@ pub(super) fn write_index(dir: &Path, report: &EvalReport, html_sections: &str) 
         sections = html_sections
     );
     let path = dir.join("index.html");
-    std::fs::write(&path, html).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::write(&path, html).map_err(PathError::on("write", &path))?;
     Ok(())
 }

@@ -1,8 +1,7 @@
 //! The method's optimisers, written out: AdamW (decoupled weight decay) for the adaptor
 //! and Adam with L2 weight decay for the scorer, as the reference trains them.
 
-use anyhow::Result;
-use candle_core::{Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 
 /// Adam moments of one variable.
 pub(super) struct Moments {

@@ -3,8 +3,7 @@
 //! section 8); the nearest-center search the residuals and the noise scale need; and the
 //! class choice inference makes (the flattened cosine argmax).
 
-use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 /// Running sums over adapted features, for the centers and the features' spread.
 pub(super) struct CenterSums {
@@ -121,7 +120,7 @@ impl CenterBank {
                 .to_vec1::<u32>()?;
             idx.extend(q.into_iter().map(|q| (c * p) as u32 + q));
         }
-        Ok(Tensor::from_vec(idx, classes.len() * p, f.device())?)
+        Tensor::from_vec(idx, classes.len() * p, f.device())
     }
 
     /// The class each image would be assigned at inference (flattened cosine argmax).

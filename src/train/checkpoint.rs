@@ -8,10 +8,11 @@
 //! Each file is written to a temporary name and renamed, so a crash leaves the previous
 //! epoch's checkpoint whole.
 
+use super::TrainError;
 use super::epoch::Trainer;
 use crate::model::bundle::EpochRecord;
+use crate::path_error::PathError;
 use crate::weights::{StateDict, Tensor as WTensor};
-use anyhow::{Context, Result};
 use candle_core::Tensor;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,10 +61,13 @@ pub(super) struct Checkpoint {
     centers: PathBuf,
 }
 
-fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+type Result<T> = std::result::Result<T, TrainError>;
+
+/// Writes `path` through a temporary file and a rename.
+fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
     let tmp = path.with_extension("part");
-    write(&tmp)?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    write(&tmp).map_err(PathError::on("write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(PathError::on("write", path))?;
     Ok(())
 }
 
@@ -106,24 +110,29 @@ impl Checkpoint {
             }
         }
         write_atomically(&self.weights, |tmp| {
-            Ok(crate::weights::save_safetensors(&tensors, tmp)?)
+            crate::weights::save_safetensors(&tensors, tmp)
         })?;
-        let json = serde_json::to_string_pretty(&progress.state)?;
-        write_atomically(&self.state, |tmp| {
-            std::fs::write(tmp, &json).with_context(|| format!("cannot write {}", tmp.display()))
-        })
+        let json =
+            serde_json::to_string_pretty(&progress.state).map_err(|e| TrainError::Checkpoint {
+                path: self.state.clone(),
+                reason: e.to_string(),
+            })?;
+        write_atomically(&self.state, |tmp| std::fs::write(tmp, &json))
     }
 
     /// Restores weights, optimiser moments and steps, and the RNG into `t`; returns the
     /// run's progress.
     pub fn load(&self, t: &mut Trainer) -> Result<Progress> {
-        let text = std::fs::read_to_string(&self.state)
-            .with_context(|| format!("cannot read {}", self.state.display()))?;
-        let state: CheckpointState = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a checkpoint state", self.state.display()))?;
+        let text =
+            std::fs::read_to_string(&self.state).map_err(PathError::on("read", &self.state))?;
+        let state: CheckpointState =
+            serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+                path: self.state.clone(),
+                reason: format!("not a checkpoint state: {e}"),
+            })?;
         let sd = StateDict::load(&self.weights)?;
         t.params
-            .restore(&sd.strip_prefix("current.").tensors, &t.dev)?;
+            .restore(&sd.strip_prefix("current.").tensors, &t.dev, &self.weights)?;
         let best = state
             .best_epoch
             .is_some()
@@ -151,7 +160,9 @@ impl Checkpoint {
             "centers".to_string(),
             WTensor::f32(shape.to_vec(), data.to_vec()),
         );
-        Ok(crate::weights::save_safetensors(&t, &self.centers)?)
+        crate::weights::save_safetensors(&t, &self.centers)
+            .map_err(PathError::on("write", &self.centers))?;
+        Ok(())
     }
 
     pub fn load_centers(&self, shape: [usize; 3]) -> Result<Vec<f32>> {

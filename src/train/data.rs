@@ -3,6 +3,7 @@
 //! again, each with a seeded synthetic defect painted on), and their patch embeddings,
 //! computed once by the embedding graph and cached in the work folder.
 
+use super::TrainError;
 use super::TrainOptions;
 use super::features::{self, FeatureCache, Source};
 use crate::backbone::Backbone;
@@ -10,9 +11,11 @@ use crate::dataset::{ClassData, holdout_split};
 use crate::engine::EngineKind;
 use crate::model::bundle::sha256_file;
 use crate::model::graph::embedding_graph;
-use anyhow::{Result, bail};
+use crate::path_error::PathError;
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
+
+type Result<T> = std::result::Result<T, TrainError>;
 
 /// Images per call of the embedding pass.
 const EMBED_BATCH: usize = 8;
@@ -26,13 +29,13 @@ pub(super) struct Split {
 
 impl Split {
     /// The embeddings of images `idx`, [idx.len() * patches, dim].
-    pub fn batch(&self, idx: &[usize], dev: &Device) -> Result<Tensor> {
+    pub fn batch(&self, idx: &[usize], dev: &Device) -> candle_core::Result<Tensor> {
         let (p, d) = (self.cache.patches, self.cache.dim);
         let mut v = Vec::with_capacity(idx.len() * p * d);
         for &i in idx {
             v.extend_from_slice(self.cache.image(i));
         }
-        Ok(Tensor::from_vec(v, (idx.len() * p, d), dev)?)
+        Tensor::from_vec(v, (idx.len() * p, d), dev)
     }
 }
 
@@ -77,7 +80,8 @@ pub(super) fn prepare(
     let (h, w, d) = (o.input.height, o.input.width, o.embed_dim);
     let graph = embedding_graph(backbone, h, w, o.pre_dim, d)?;
     let mut engine = EngineKind::Onnxruntime.load(&graph, &o.engine_options)?;
-    let weights_sha = sha256_file(&o.backbone_weights)?;
+    let weights_sha =
+        sha256_file(&o.backbone_weights).map_err(PathError::on("read", &o.backbone_weights))?;
     let model_key = format!("{}:{weights_sha}:{}:{d}", o.backbone.name(), o.pre_dim);
     let mut embed = |s: &Sources, file: &str, label: &str| -> Result<(Split, Vec<usize>)> {
         let key = features::cache_key(&model_key, &o.input, &s.files);
@@ -99,7 +103,7 @@ pub(super) fn prepare(
     let (val_split, val_kept) = embed(&val, "val.features", "validation")?;
     for (ci, c) in classes.iter().enumerate() {
         if !train_split.classes.contains(&ci) {
-            bail!("class `{}` has no readable training image left", c.name);
+            return Err(TrainError::NoImages(c.name.clone()));
         }
     }
     Ok(TrainingData {

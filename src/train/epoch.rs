@@ -9,8 +9,7 @@ use super::centers::CenterBank;
 use super::data::Split;
 use super::params::Params;
 use crate::rng::Rng;
-use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -63,8 +62,8 @@ impl Tally {
 
 /// BCE with logits: normal -> 0 is softplus(z), synthetic -> 1 is softplus(-z).
 fn softplus(t: &Tensor) -> Result<Tensor> {
-    Ok(t.relu()?
-        .add(&t.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?)
+    t.relu()?
+        .add(&t.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)
 }
 
 /// Share of `probabilities` on the right side of 0.5 (`above`: synthetic).

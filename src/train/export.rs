@@ -3,6 +3,7 @@
 //! needs to trust it (the dataset and its hash, the options, every epoch's figures, and
 //! why this epoch was chosen).
 
+use super::TrainError;
 use super::TrainOptions;
 use super::checkpoint::Progress;
 use super::data::TrainingData;
@@ -13,10 +14,12 @@ use crate::model::bundle::{
 };
 use crate::model::graph::{CrasModel, GraphOptions};
 use crate::model::head::{Centers, CrasHead};
+use crate::path_error::PathError;
 use crate::weights::StateDict;
-use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+type Result<T> = std::result::Result<T, TrainError>;
 
 /// Writes the bundle of the selected epoch to `o.out`.
 pub(super) fn write_bundle(
@@ -28,7 +31,7 @@ pub(super) fn write_bundle(
     centers: Centers,
     patch_grid: [usize; 2],
 ) -> Result<Bundle> {
-    let selected = progress.best.clone().context("no epoch completed")?;
+    let selected = progress.best.clone().ok_or(TrainError::NoEpoch)?;
     let head = CrasHead::from_state_dict(&StateDict {
         tensors: selected,
         source: o.work.join("checkpoint.safetensors"),
@@ -136,11 +139,7 @@ fn sha_of_sources(paths: &[PathBuf], root: &Path) -> Result<String> {
     for p in paths {
         let rel = p.strip_prefix(root).unwrap_or(p);
         h.update(rel.to_string_lossy().as_bytes());
-        h.update(
-            sha256_file(p)
-                .with_context(|| format!("cannot read {}", p.display()))?
-                .as_bytes(),
-        );
+        h.update(sha256_file(p).map_err(PathError::on("read", p))?.as_bytes());
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }

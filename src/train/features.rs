@@ -2,10 +2,11 @@
 //! images, stored as raw float32 in a file and memory-mapped, so training epochs never
 //! recompute them and memory stays bounded however large the dataset is.
 
+use super::TrainError;
 use crate::engine::Engine;
+use crate::path_error::PathError;
 use crate::preprocess::{self, InputSpec};
 use crate::rng::Rng;
-use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ impl Source {
     }
 
     /// The cropped RGB image the network sees.
-    pub fn load(&self, spec: &InputSpec) -> Result<image::RgbImage> {
+    pub fn load(&self, spec: &InputSpec) -> Result<image::RgbImage, preprocess::ImageError> {
         let img = preprocess::load_rgb(self.path())?;
         let mut crop = preprocess::resize_and_crop(&img, spec);
         if let Source::WithDefect(_, seed, strength, kinds) = self {
@@ -116,7 +117,7 @@ pub fn extract(
     path: &Path,
     key: [u8; 32],
     label: &str,
-) -> Result<(FeatureCache, Vec<usize>)> {
+) -> Result<(FeatureCache, Vec<usize>), TrainError> {
     let kept_path = path.with_extension("kept");
     if let Some(c) = FeatureCache::open(path, &key)
         && let Ok(text) = std::fs::read_to_string(&kept_path)
@@ -131,14 +132,14 @@ pub fn extract(
         }
     }
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
+        std::fs::create_dir_all(parent).map_err(PathError::on("create", parent))?;
     }
     let tmp = path.with_extension("part");
-    let mut file = std::io::BufWriter::new(
-        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?,
-    );
-    file.write_all(&[0u8; HEADER])?;
+    let write_err = PathError::on("write", &tmp);
+    let mut file =
+        std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(PathError::on("write", &tmp))?);
+    file.write_all(&[0u8; HEADER])
+        .map_err(PathError::on("write", &tmp))?;
     let bar = ProgressBar::new(sources.len() as u64).with_message(label.to_string());
     bar.set_style(
         ProgressStyle::with_template(
@@ -174,39 +175,40 @@ pub fn extract(
             .iter()
             .find(|t| t.name == "embedding")
             .and_then(|t| t.f32())
-            .context("embedding graph output missing")?;
+            .ok_or_else(|| TrainError::Cache("embedding graph output missing".into()))?;
         if emb.len() != run_n * patches * dim {
-            bail!(
+            return Err(TrainError::Cache(format!(
                 "embedding has {} values, expected {}",
                 emb.len(),
                 run_n * patches * dim
-            );
+            )));
         }
         for v in &emb[..n * patches * dim] {
-            file.write_all(&v.to_le_bytes())?;
+            file.write_all(&v.to_le_bytes())
+                .map_err(PathError::on("write", &tmp))?;
         }
     }
     bar.finish_and_clear();
-    let mut file = file.into_inner().map_err(|e| e.into_error())?;
-    use std::io::Seek;
-    file.seek(std::io::SeekFrom::Start(0))?;
     let mut header = Vec::with_capacity(HEADER);
     header.extend_from_slice(MAGIC);
     for v in [kept.len(), patches, dim] {
         header.extend_from_slice(&(v as u64).to_le_bytes());
     }
     header.extend_from_slice(&key);
-    file.write_all(&header)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    std::fs::write(
-        &kept_path,
-        kept.iter()
-            .map(|k| k.to_string())
-            .collect::<Vec<_>>()
-            .join(" "),
-    )?;
-    let cache = FeatureCache::open(path, &key).context("cannot reopen the embedding cache")?;
+    finish(file, &header).map_err(write_err)?;
+    std::fs::rename(&tmp, path).map_err(PathError::on("write", path))?;
+    let kept_list: Vec<String> = kept.iter().map(|k| k.to_string()).collect();
+    std::fs::write(&kept_path, kept_list.join(" ")).map_err(PathError::on("write", &kept_path))?;
+    let cache = FeatureCache::open(path, &key)
+        .ok_or_else(|| TrainError::Cache(format!("cannot reopen {}", path.display())))?;
     Ok((cache, kept))
+}
+
+/// Writes the header over the placeholder at the start and makes the file durable.
+fn finish(file: std::io::BufWriter<std::fs::File>, header: &[u8]) -> std::io::Result<()> {
+    use std::io::Seek;
+    let mut file = file.into_inner().map_err(|e| e.into_error())?;
+    file.seek(std::io::SeekFrom::Start(0))?;
+    file.write_all(header)?;
+    file.sync_all()
 }

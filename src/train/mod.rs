@@ -19,21 +19,23 @@ mod checkpoint;
 mod data;
 mod device;
 mod epoch;
+mod error;
 mod export;
 pub mod features;
 mod params;
 
 pub use device::TrainDevice;
+pub use error::TrainError;
 
 use crate::backbone::{Backbone, BackboneKind};
 use crate::dataset::ClassData;
 use crate::engine::EngineOptions;
 use crate::model::bundle::{Bundle, EpochRecord};
 use crate::model::head::Centers;
+use crate::path_error::PathError;
 use crate::preprocess::InputSpec;
 use crate::rng::Rng;
 use adam::Adam;
-use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use centers::{CenterBank, CenterSums};
 use checkpoint::{Checkpoint, CheckpointState, Progress};
@@ -44,6 +46,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
+
+type Result<T> = std::result::Result<T, TrainError>;
 
 /// Training options; defaults are the paper's.
 #[derive(Debug, Clone)]
@@ -84,24 +88,24 @@ impl TrainOptions {
     /// Refuses options no run could use, before any work.
     pub fn check(&self) -> Result<()> {
         let d = self.embed_dim;
+        let bad = |why: String| Err(TrainError::Options(why));
         if d < 2 || !d.is_multiple_of(2) {
-            bail!("--embed-dim must be an even number >= 2");
+            return bad("--embed-dim must be an even number >= 2".into());
         }
         if self.batch == 0 || self.epochs == 0 {
-            bail!("--batch and --epochs must be at least 1");
+            return bad("--batch and --epochs must be at least 1".into());
         }
         if self.input.resize < self.input.height {
-            bail!(
+            return bad(format!(
                 "--resize ({}) must be at least --image-size ({})",
-                self.input.resize,
-                self.input.height
-            );
+                self.input.resize, self.input.height
+            ));
         }
         if !(self.val_defect_strength > 0.0 && self.val_defect_strength <= 1.0) {
-            bail!(
+            return bad(format!(
                 "--val-defect-strength {}: give a strength in (0, 1]",
                 self.val_defect_strength
-            );
+            ));
         }
         Ok(())
     }
@@ -120,8 +124,7 @@ pub fn default_work_folder(out: &std::path::Path) -> PathBuf {
 pub fn interrupt_flag() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, flag.clone())
-            .context("cannot install the interrupt handlers")?;
+        signal_hook::flag::register(sig, flag.clone()).map_err(TrainError::Signals)?;
     }
     Ok(flag)
 }
@@ -134,8 +137,7 @@ pub fn train(
 ) -> Result<Bundle> {
     o.check()?;
     let dev = o.device.open()?;
-    std::fs::create_dir_all(&o.work)
-        .with_context(|| format!("cannot create work folder {}", o.work.display()))?;
+    std::fs::create_dir_all(&o.work).map_err(PathError::on("create the work folder", &o.work))?;
     let backbone = Backbone::load(o.backbone, &o.backbone_weights)?;
     let ((ha, wa), _) = backbone.stage_sizes(o.input.height, o.input.width);
     let shape = [classes.len(), ha * wa, o.embed_dim];
@@ -196,11 +198,10 @@ pub fn train(
         let stats = trainer.epoch(&data.train, epoch, o.epochs, &interrupted)?;
         if stats.interrupted {
             // The partial epoch is discarded: the checkpoint holds the last full epoch.
-            bail!(
-                "interrupted during epoch {}; the last completed epoch is saved in {}: continue with --resume",
-                epoch + 1,
-                o.work.display()
-            );
+            return Err(TrainError::Interrupted {
+                epoch: epoch + 1,
+                work: o.work.clone(),
+            });
         }
         let val_auroc = trainer.validate(&data.val, &data.val_labels)?;
         record_epoch(

@@ -3,10 +3,10 @@
 //! CRAS state-dict names, initialised as the reference does (Xavier normal weights,
 //! uniform biases), with the forward passes training and validation use.
 
+use super::TrainError;
 use crate::rng::Rng;
 use crate::weights::Tensor as WTensor;
-use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
 
 const BN_EPS: f64 = 1e-5;
@@ -16,7 +16,7 @@ const LEAKY: f64 = 0.2;
 /// `v` ([C]) repeated on every row ([N, C]) as a product with a ones column, so that its
 /// gradient is a matrix product too rather than a slow reduction over rows.
 pub(super) fn rows_of(ones_col: &Tensor, v: &Tensor) -> Result<Tensor> {
-    Ok(ones_col.matmul(&v.unsqueeze(0)?)?)
+    ones_col.matmul(&v.unsqueeze(0)?)
 }
 
 /// Trainable parameters, PyTorch layouts ([out, in] weights).
@@ -44,17 +44,17 @@ fn xavier(rng: &mut Rng, out: usize, inp: usize, dev: &Device) -> Result<Var> {
     let v: Vec<f32> = (0..out * inp)
         .map(|_| (rng.normal() * std) as f32)
         .collect();
-    Ok(Var::from_tensor(&Tensor::from_vec(v, (out, inp), dev)?)?)
+    Var::from_tensor(&Tensor::from_vec(v, (out, inp), dev)?)
 }
 
 fn bias(rng: &mut Rng, out: usize, fan_in: usize, dev: &Device) -> Result<Var> {
     let b = 1.0 / (fan_in as f64).sqrt();
     let v: Vec<f32> = (0..out).map(|_| rng.range(-b, b) as f32).collect();
-    Ok(Var::from_tensor(&Tensor::from_vec(v, out, dev)?)?)
+    Var::from_tensor(&Tensor::from_vec(v, out, dev)?)
 }
 
 fn constant(v: f32, n: usize, dev: &Device) -> Result<Tensor> {
-    Ok(Tensor::from_vec(vec![v; n], n, dev)?)
+    Tensor::from_vec(vec![v; n], n, dev)
 }
 
 impl Params {
@@ -158,12 +158,19 @@ impl Params {
         Ok(out)
     }
 
-    pub fn restore(&mut self, s: &BTreeMap<String, WTensor>, dev: &Device) -> Result<()> {
-        let get = |k: &str| -> Result<Tensor> {
-            let t = s.get(k).with_context(|| format!("checkpoint lacks {k}"))?;
-            let v = t
-                .as_f32()
-                .with_context(|| format!("checkpoint {k} is not float"))?;
+    pub fn restore(
+        &mut self,
+        s: &BTreeMap<String, WTensor>,
+        dev: &Device,
+        file: &std::path::Path,
+    ) -> std::result::Result<(), TrainError> {
+        let get = |k: &str| -> std::result::Result<Tensor, TrainError> {
+            let bad = |reason: String| TrainError::Checkpoint {
+                path: file.to_path_buf(),
+                reason,
+            };
+            let t = s.get(k).ok_or_else(|| bad(format!("lacks {k}")))?;
+            let v = t.as_f32().ok_or_else(|| bad(format!("{k} is not float")))?;
             Ok(Tensor::from_vec(v.to_vec(), t.shape.as_slice(), dev)?)
         };
         let vars: [(&str, &Var); 11] = [
@@ -191,12 +198,12 @@ impl Params {
 
     pub fn adapt(&self, x: &Tensor) -> Result<Tensor> {
         let ones = Tensor::ones((x.dim(0)?, 1), DType::F32, x.device())?;
-        Ok(x.matmul(&self.adaptor_w.as_tensor().t()?)?
-            .add(&rows_of(&ones, self.adaptor_b.as_tensor())?)?)
+        x.matmul(&self.adaptor_w.as_tensor().t()?)?
+            .add(&rows_of(&ones, self.adaptor_b.as_tensor())?)
     }
 
     fn leaky(x: &Tensor) -> Result<Tensor> {
-        Ok(x.maximum(&x.affine(LEAKY, 0.0)?)?)
+        x.maximum(&x.affine(LEAKY, 0.0)?)
     }
 
     /// Scorer logits [rows, 1]; train mode uses batch statistics and updates the running ones.
@@ -258,6 +265,6 @@ impl Params {
                 .affine(1.0 - BN_MOMENTUM, 0.0)?
                 .add(&v.affine(BN_MOMENTUM, 0.0)?)?;
         }
-        Ok(h.matmul(&self.w3.as_tensor().t()?)?)
+        h.matmul(&self.w3.as_tensor().t()?)
     }
 }

@@ -48,6 +48,23 @@ pub struct StateDict {
     pub source: PathBuf,
 }
 
+/// What is wrong inside a weights file: the parsers' finding, before the path is known.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct Malformed(pub String);
+
+impl From<String> for Malformed {
+    fn from(s: String) -> Malformed {
+        Malformed(s)
+    }
+}
+
+impl From<&str> for Malformed {
+    fn from(s: &str) -> Malformed {
+        Malformed(s.to_string())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     #[error("cannot read {path}: {source}")]
@@ -84,9 +101,9 @@ impl StateDict {
             path: path.to_path_buf(),
             source,
         })?;
-        let fmt_err = |reason: String| WeightsError::Format {
+        let fmt_err = |reason: Malformed| WeightsError::Format {
             path: path.to_path_buf(),
-            reason,
+            reason: reason.0,
         };
         let tensors = if bytes.starts_with(b"PK") {
             pth::load_zip(&bytes).map_err(fmt_err)?
@@ -101,9 +118,9 @@ impl StateDict {
             BTreeMap::from([(stem, t)])
         } else {
             load_safetensors(&bytes).map_err(|e| {
-                fmt_err(format!(
+                fmt_err(Malformed(format!(
                     "neither a PyTorch .pth, a .npy nor a safetensors file ({e})"
-                ))
+                )))
             })?
         };
         Ok(StateDict {

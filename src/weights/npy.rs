@@ -1,7 +1,7 @@
 //! NumPy `.npy` (format v1/v2, little-endian, C order): read f32/f16/f64/i64/i32 arrays,
 //! write f32 arrays (anomaly maps).
 
-use super::{Tensor, TensorData};
+use super::{Malformed, Tensor, TensorData};
 use std::io::Write;
 use std::path::Path;
 
@@ -38,7 +38,7 @@ fn header_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     Some(rest[..end].trim())
 }
 
-pub fn read(bytes: &[u8]) -> Result<Tensor, String> {
+pub fn read(bytes: &[u8]) -> Result<Tensor, Malformed> {
     if !bytes.starts_with(b"\x93NUMPY") || bytes.len() < 10 {
         return Err("not a .npy file".into());
     }
@@ -54,7 +54,7 @@ pub fn read(bytes: &[u8]) -> Result<Tensor, String> {
                 12,
             )
         }
-        v => return Err(format!("unsupported .npy version {v}")),
+        v => return Err(Malformed(format!("unsupported .npy version {v}"))),
     };
     let header = std::str::from_utf8(
         bytes
@@ -76,9 +76,14 @@ pub fn read(bytes: &[u8]) -> Result<Tensor, String> {
         .collect::<Result<_, _>>()?;
     let n: usize = shape.iter().product();
     let body = &bytes[hstart + hlen..];
-    let need = |es: usize| -> Result<&[u8], String> {
-        body.get(..n * es)
-            .ok_or_else(|| format!("truncated .npy data: {} of {} bytes", body.len(), n * es))
+    let need = |es: usize| -> Result<&[u8], Malformed> {
+        body.get(..n * es).ok_or_else(|| {
+            Malformed(format!(
+                "truncated .npy data: {} of {} bytes",
+                body.len(),
+                n * es
+            ))
+        })
     };
     let data = match descr {
         "<f4" => TensorData::F32(
@@ -119,33 +124,38 @@ pub fn read(bytes: &[u8]) -> Result<Tensor, String> {
                 .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
                 .collect(),
         ),
-        d => return Err(format!("unsupported .npy dtype {d}")),
+        d => return Err(Malformed(format!("unsupported .npy dtype {d}"))),
     };
     Ok(Tensor { shape, data })
 }
 
 /// Reads a `.npy` file from disk.
-pub fn read_file(path: &Path) -> Result<Tensor, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    read(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+pub fn read_file(path: &Path) -> Result<Tensor, Malformed> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Malformed(format!("cannot read {}: {e}", path.display())))?;
+    read(&bytes).map_err(|e| Malformed(format!("{}: {e}", path.display())))
 }
 
 /// Reads an f64 (`<f8`) `.npy` exactly (f64 arrays are otherwise narrowed to f32).
-pub fn read_f64_file(path: &Path) -> Result<Vec<f64>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+pub fn read_f64_file(path: &Path) -> Result<Vec<f64>, Malformed> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Malformed(format!("cannot read {}: {e}", path.display())))?;
     // Validates the header (and the data length) first.
-    let t = read(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let t = read(&bytes).map_err(|e| Malformed(format!("{}: {e}", path.display())))?;
     let n = t.numel();
     if bytes[6] != 1 {
-        return Err(format!(
+        return Err(Malformed(format!(
             "{}: only .npy version 1 is read as float64",
             path.display()
-        ));
+        )));
     }
     let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
     let body = &bytes[10 + hlen..];
     if body.len() != n * 8 {
-        return Err(format!("{}: not a float64 array", path.display()));
+        return Err(Malformed(format!(
+            "{}: not a float64 array",
+            path.display()
+        )));
     }
     Ok(body
         .chunks_exact(8)

@@ -6,7 +6,7 @@
 //! Non-tensor leaves (epochs, strings, ...) are ignored.
 
 use super::pickle::{self, Value};
-use super::{Tensor, TensorData};
+use super::{Malformed, Tensor, TensorData};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 
@@ -86,7 +86,7 @@ struct StorageRef {
     key: String,
 }
 
-fn storage_ref(pid: &Value) -> Result<StorageRef, String> {
+fn storage_ref(pid: &Value) -> Result<StorageRef, Malformed> {
     let Value::Tuple(items) = pid else {
         return Err("storage id is not a tuple".into());
     };
@@ -95,7 +95,7 @@ fn storage_ref(pid: &Value) -> Result<StorageRef, String> {
     }
     let dtype = match &items[1] {
         Value::Global(_, name) => StorageType::from_name(name)
-            .ok_or_else(|| format!("unsupported storage type {name}"))?,
+            .ok_or_else(|| Malformed(format!("unsupported storage type {name}")))?,
         _ => return Err("storage type is not a class reference".into()),
     };
     let key = items[2]
@@ -109,15 +109,15 @@ fn storage_ref(pid: &Value) -> Result<StorageRef, String> {
 /// dense row-major tensor, fetching bytes through `storage`.
 fn rebuild_tensor(
     args: &[Value],
-    storage: &dyn Fn(&StorageRef) -> Result<Vec<u8>, String>,
-) -> Result<Tensor, String> {
+    storage: &dyn Fn(&StorageRef) -> Result<Vec<u8>, Malformed>,
+) -> Result<Tensor, Malformed> {
     let pid = match args.first() {
         Some(Value::Persistent(p)) => p,
         _ => return Err("tensor without storage".into()),
     };
     let sref = storage_ref(pid)?;
     let offset = args.get(1).and_then(Value::as_int).ok_or("bad offset")? as usize;
-    let ints = |v: Option<&Value>| -> Result<Vec<usize>, String> {
+    let ints = |v: Option<&Value>| -> Result<Vec<usize>, Malformed> {
         match v {
             Some(Value::Tuple(t)) => t
                 .iter()
@@ -125,7 +125,7 @@ fn rebuild_tensor(
                     x.as_int()
                         .filter(|i| *i >= 0)
                         .map(|i| i as usize)
-                        .ok_or_else(|| "bad size/stride".to_string())
+                        .ok_or_else(|| Malformed::from("bad size/stride"))
                 })
                 .collect(),
             _ => Err("size/stride is not a tuple".into()),
@@ -145,10 +145,10 @@ fn rebuild_tensor(
     for _ in 0..numel {
         let p = offset + idx.iter().zip(&stride).map(|(i, s)| i * s).sum::<usize>();
         if (p + 1) * es > bytes.len() {
-            return Err(format!(
+            return Err(Malformed(format!(
                 "tensor reaches past the end of storage {}",
                 sref.key
-            ));
+            )));
         }
         positions.push(p);
         for d in (0..shape.len()).rev() {
@@ -180,9 +180,9 @@ fn rebuild_tensor(
 fn flatten(
     prefix: &str,
     v: &Value,
-    storage: &dyn Fn(&StorageRef) -> Result<Vec<u8>, String>,
+    storage: &dyn Fn(&StorageRef) -> Result<Vec<u8>, Malformed>,
     out: &mut BTreeMap<String, Tensor>,
-) -> Result<(), String> {
+) -> Result<(), Malformed> {
     let join = |k: &str| {
         if prefix.is_empty() {
             k.to_string()
@@ -208,7 +208,8 @@ fn flatten(
                 flatten(prefix, &Value::Dict(items.clone()), storage, out)?;
             }
             Value::Global(m, n) if m == "torch._utils" && n == "_rebuild_tensor_v2" => {
-                let t = rebuild_tensor(args, storage).map_err(|e| format!("`{prefix}`: {e}"))?;
+                let t = rebuild_tensor(args, storage)
+                    .map_err(|e| Malformed(format!("`{prefix}`: {e}")))?;
                 out.insert(prefix.to_string(), t);
             }
             Value::Global(m, n) if m == "torch._utils" && n == "_rebuild_parameter" => {
@@ -217,9 +218,9 @@ fn flatten(
                 }
             }
             Value::Global(m, n) if m == "torch._utils" => {
-                return Err(format!(
+                return Err(Malformed(format!(
                     "`{prefix}`: tensors stored with {m}.{n} are not supported (save a plain state_dict)"
-                ));
+                )));
             }
             _ => {}
         },
@@ -228,9 +229,12 @@ fn flatten(
     Ok(())
 }
 
-pub fn load_zip(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>, String> {
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
-        .map_err(|e| format!("not a complete PyTorch zip archive ({e}); truncated download?"))?;
+pub fn load_zip(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>, Malformed> {
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| {
+        Malformed(format!(
+            "not a complete PyTorch zip archive ({e}); truncated download?"
+        ))
+    })?;
     let pkl_name = zip
         .file_names()
         .filter_map(|n| n.ok())
@@ -241,18 +245,18 @@ pub fn load_zip(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>, String> {
     let mut pkl = Vec::new();
     zip.by_name(&pkl_name)
         .and_then(|mut f| f.read_to_end(&mut pkl).map_err(Into::into))
-        .map_err(|e| format!("cannot read {pkl_name}: {e}"))?;
-    let (root, _) = pickle::load(&pkl).map_err(|e| format!("{pkl_name}: {e}"))?;
+        .map_err(|e| Malformed(format!("cannot read {pkl_name}: {e}")))?;
+    let (root, _) = pickle::load(&pkl).map_err(|e| Malformed(format!("{pkl_name}: {e}")))?;
     let zip = std::cell::RefCell::new(zip);
-    let storage = |s: &StorageRef| -> Result<Vec<u8>, String> {
+    let storage = |s: &StorageRef| -> Result<Vec<u8>, Malformed> {
         let name = format!("{prefix}data/{}", s.key);
         let mut z = zip.borrow_mut();
         let mut f = z
             .by_name(&name)
-            .map_err(|e| format!("storage {name} missing ({e})"))?;
+            .map_err(|e| Malformed(format!("storage {name} missing ({e})")))?;
         let mut buf = Vec::new();
         f.read_to_end(&mut buf)
-            .map_err(|e| format!("cannot read storage {name}: {e}"))?;
+            .map_err(|e| Malformed(format!("cannot read storage {name}: {e}")))?;
         Ok(buf)
     };
     let mut out = BTreeMap::new();
@@ -265,10 +269,11 @@ pub fn load_zip(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>, String> {
 
 /// Legacy format: magic, protocol, sys-info and object pickles, a pickled list of storage
 /// keys, then for each key an i64 element count followed by the raw elements.
-pub fn load_legacy(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>, String> {
+pub fn load_legacy(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>, Malformed> {
     let mut pos = 0usize;
-    let mut next = |what: &str| -> Result<Value, String> {
-        let (v, used) = pickle::load(&bytes[pos..]).map_err(|e| format!("{what}: {e}"))?;
+    let mut next = |what: &str| -> Result<Value, Malformed> {
+        let (v, used) =
+            pickle::load(&bytes[pos..]).map_err(|e| Malformed(format!("{what}: {e}")))?;
         pos += used;
         Ok(v)
     };
@@ -301,7 +306,7 @@ pub fn load_legacy(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>, String> {
     for key in keys {
         let es = *sizes
             .get(&key)
-            .ok_or_else(|| format!("storage {key} is listed but never used"))?;
+            .ok_or_else(|| Malformed(format!("storage {key} is listed but never used")))?;
         if pos + 8 > bytes.len() {
             return Err("file ends inside the storage data (truncated download?)".into());
         }
@@ -319,11 +324,11 @@ pub fn load_legacy(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>, String> {
         blobs.insert(key, bytes[pos..pos + len].to_vec());
         pos += len;
     }
-    let storage = |s: &StorageRef| -> Result<Vec<u8>, String> {
+    let storage = |s: &StorageRef| -> Result<Vec<u8>, Malformed> {
         blobs
             .get(&s.key)
             .cloned()
-            .ok_or_else(|| format!("storage {} missing", s.key))
+            .ok_or_else(|| Malformed(format!("storage {} missing", s.key)))
     };
     let mut out = BTreeMap::new();
     flatten("", &root, &storage, &mut out)?;
