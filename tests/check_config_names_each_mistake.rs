@@ -252,3 +252,104 @@ fn what_the_publisher_refuses_fails_the_check() {
     let (code, out) = check(dir.path(), &tls(&ca, ""));
     assert_eq!(code, 0, "{out}");
 }
+
+/// Every number and topic level has a range, checked at validation: values that used to
+/// pass and then panic or stall the daemon (a health interval of u64::MAX, a stall
+/// timeout of 1e20 s, 1e-300 frames per second, a `$SYS` or wildcard topic prefix) are
+/// refused with the key and the range named, and the value itself is not echoed.
+#[test]
+fn every_limit_is_checked_at_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = bundle(dir.path());
+    let good = GOOD
+        .replace("MODEL", model.to_str().unwrap())
+        .replace("SPOOL", dir.path().join("spool").to_str().unwrap());
+    let mqtt = |extra: &str| {
+        good.replace(
+            "  client_id: cras-box1",
+            &format!("  client_id: cras-box1\n  {extra}"),
+        )
+    };
+    let cases: Vec<(String, &[&str])> = vec![
+        (
+            mqtt("health_interval_s: 18446744073709551615"),
+            &["mqtt.health_interval_s", "86400"],
+        ),
+        (
+            mqtt("result_rate_hz: 1e300"),
+            &["mqtt.result_rate_hz", "100"],
+        ),
+        (mqtt("result_rate_hz: .nan"), &["mqtt.result_rate_hz"]),
+        (mqtt("topic_prefix: $SYS/cras"), &["mqtt.topic_prefix", "$"]),
+        (
+            mqtt("topic_prefix: cras/#"),
+            &["mqtt.topic_prefix", "wildcards"],
+        ),
+        (
+            mqtt("topic_prefix: a/+/b"),
+            &["mqtt.topic_prefix", "wildcards"],
+        ),
+        (
+            mqtt("topic_prefix: a//b"),
+            &["mqtt.topic_prefix", "empty level"],
+        ),
+        (
+            mqtt("topic_prefix: /cras"),
+            &["mqtt.topic_prefix", "empty level"],
+        ),
+        (mqtt("topic_prefix: \"\""), &["mqtt.topic_prefix"]),
+        (
+            good.replace("max_fps: 5", "max_fps: 5\n    stall_timeout_s: 1e20"),
+            &["cameras[0].stall_timeout_s", "86400"],
+        ),
+        (
+            good.replace("max_fps: 5", "max_fps: 1e-300"),
+            &["cameras[0].max_fps"],
+        ),
+        (
+            good.replace("max_fps: 5", "max_fps: .inf"),
+            &["cameras[0].max_fps"],
+        ),
+        (
+            good.replace("spool:", "batching: {max_batch: 100000}\nspool:"),
+            &["batching.max_batch", "64"],
+        ),
+        (
+            good.replace(
+                "spool:",
+                "batching: {max_wait_ms: 18446744073709551615}\nspool:",
+            ),
+            &["batching.max_wait_ms"],
+        ),
+        (
+            good.replace("spool:\n", "spool:\n  max_bytes: 1099511627777\n"),
+            &["spool.max_bytes"],
+        ),
+        (
+            good.replace("id: cam1", &format!("id: {}", "c".repeat(65))),
+            &["cameras[0].id", "64"],
+        ),
+    ];
+    for (yaml, needles) in &cases {
+        let (code, out) = check(dir.path(), yaml);
+        assert_ne!(code, 0, "accepted:\n{yaml}");
+        for n in *needles {
+            assert!(out.contains(n), "error does not name `{n}`:\n{out}");
+        }
+        assert!(!out.contains("1e20") && !out.contains("1e-300"), "{out}");
+    }
+}
+
+#[test]
+fn the_flush_timeout_is_bounded() {
+    for bad in ["inf", "NaN", "-1", "1e9", "soon"] {
+        let flag = format!("--flush-timeout={bad}");
+        let (code, _out, err) = cras(&["run", "--config", "/nonexistent.yaml", &flag]);
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(err.contains("--flush-timeout"), "{bad}: {err}");
+        assert!(
+            !err.contains("/nonexistent.yaml"),
+            "refused before reading the config: {err}"
+        );
+    }
+}

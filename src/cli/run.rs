@@ -16,8 +16,8 @@ pub struct RunArgs {
     pub pipelines: Option<PathBuf>,
     /// Seconds a stop may spend delivering spooled alarms to the broker; what is left
     /// stays in the spool for the next start.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
-    pub flush_timeout: f64,
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = cras::daemon::flush_timeout)]
+    pub flush_timeout: std::time::Duration,
 }
 
 impl RunArgs {
@@ -26,7 +26,7 @@ impl RunArgs {
         cras::daemon::run(&cras::daemon::RunOptions {
             config: self.config,
             pipelines,
-            flush: std::time::Duration::from_secs_f64(self.flush_timeout.max(0.0)),
+            flush: self.flush_timeout,
         })?;
         Ok(ExitCode::SUCCESS)
     }

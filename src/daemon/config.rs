@@ -46,7 +46,7 @@ impl DeviceConfig {
             if !topic_safe(value) {
                 return Err(Invalid::new(
                     key,
-                    "use letters, digits, `-` and `_` only (it is an MQTT topic level)",
+                    "use 1 to 64 letters, digits, `-` and `_` (it is an MQTT topic level)",
                 ));
             }
         }
@@ -100,7 +100,8 @@ pub enum ConfigError {
 }
 
 /// A section's finding: the key (as written in the file) and what is wrong with it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("`{key}`: {reason}")]
 pub struct Invalid {
     pub key: String,
     pub reason: String,
@@ -115,6 +116,30 @@ impl Invalid {
     }
 }
 
+/// `value` within `[lo, hi]`, else an [`Invalid`] that names the range (not the value,
+/// which may be anything). A float that is not a number is never within. Every number in
+/// the configuration is bounded here, so no arithmetic on it after validation can
+/// overflow (an `Instant` plus a duration, a rate's reciprocal, a byte count).
+pub fn within<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    lo: T,
+    hi: T,
+    unit: &str,
+) -> Result<(), Invalid> {
+    if value >= lo && value <= hi {
+        Ok(())
+    } else {
+        Err(Invalid::new(
+            key,
+            format!("must be from {lo} to {hi}{unit}"),
+        ))
+    }
+}
+
+/// Longest device, site and camera id: they are topic levels and metric labels.
+pub const MAX_ID_LEN: usize = 64;
+
 /// `p` taken from the config file's folder `base` if it is relative.
 pub fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
@@ -124,9 +149,11 @@ pub fn resolve(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
-/// Whether `s` can be one MQTT topic level and a metric label: letters, digits, `-`, `_`.
+/// Whether `s` can be one MQTT topic level and a metric label: letters, digits, `-`, `_`,
+/// at most [`MAX_ID_LEN`] of them.
 pub fn topic_safe(s: &str) -> bool {
     !s.is_empty()
+        && s.len() <= MAX_ID_LEN
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }

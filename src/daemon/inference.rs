@@ -4,7 +4,7 @@
 //! camera cannot starve a quiet one.
 
 use super::capture::Frame;
-use super::config::{Invalid, resolve};
+use super::config::{Invalid, resolve, within};
 use super::telemetry::{CameraTelemetry, Latency, Stage, Telemetry};
 use crate::engine::EngineKind;
 use crate::engine::{CrasOutputs, Engine};
@@ -47,8 +47,8 @@ impl ModelConfig {
         self.bundle = resolve(base, &self.bundle);
         let bundle =
             Bundle::read(&self.bundle).map_err(|e| Invalid::new("model.bundle", e.to_string()))?;
-        if self.threads == Some(0) {
-            return Err(Invalid::new("model.threads", "must be at least 1"));
+        if let Some(threads) = self.threads {
+            within("model.threads", threads, 1, 1024, "")?;
         }
         let classes = &bundle.meta.classes;
         for (class, t) in &self.thresholds {
@@ -124,10 +124,8 @@ impl Default for BatchingConfig {
 
 impl BatchingConfig {
     pub fn validate(&self) -> Result<(), Invalid> {
-        if self.max_batch == 0 {
-            return Err(Invalid::new("batching.max_batch", "must be at least 1"));
-        }
-        Ok(())
+        within("batching.max_batch", self.max_batch, 1, 64, " frames")?;
+        within("batching.max_wait_ms", self.max_wait_ms, 0, 10_000, " ms")
     }
 }
 

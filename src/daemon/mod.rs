@@ -73,6 +73,16 @@ pub struct RunOptions {
     pub flush: Duration,
 }
 
+/// `--flush-timeout`: seconds a stop may spend delivering the spool, from 0 to 3600.
+pub fn flush_timeout(s: &str) -> std::result::Result<Duration, config::Invalid> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| config::Invalid::new("--flush-timeout", "must be a number of seconds"))?;
+    config::within("--flush-timeout", secs, 0.0, 3600.0, " seconds")?;
+    Ok(Duration::from_secs_f64(secs))
+}
+
 /// A configuration checked and its model loaded: ready to replace the running one.
 pub struct Prepared {
     pub valid: ValidConfig,

@@ -2,7 +2,7 @@
 //! `cras run` alike) and rendered into the capture pipeline the camera runs.
 
 use super::template::PipelineTemplate;
-use crate::daemon::config::{Invalid, topic_safe};
+use crate::daemon::config::{Invalid, topic_safe, within};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -59,7 +59,7 @@ impl CameraConfig {
         if !topic_safe(&self.id) {
             return Err(Invalid::new(
                 key("id"),
-                "use letters, digits, `-` and `_` only (it is an MQTT topic level)",
+                "use 1 to 64 letters, digits, `-` and `_` (it is an MQTT topic level)",
             ));
         }
         if self.class != "auto" && !classes.contains(&self.class) {
@@ -72,17 +72,21 @@ impl CameraConfig {
                 ),
             ));
         }
-        if !(self.max_fps > 0.0 && self.max_fps.is_finite()) {
-            return Err(Invalid::new(
-                key("max_fps"),
-                "must be a positive number of frames per second",
-            ));
-        }
-        if !(self.stall_timeout_s >= 0.0 && self.stall_timeout_s.is_finite()) {
-            return Err(Invalid::new(
-                key("stall_timeout_s"),
-                "must be 0 (off) or a positive number of seconds",
-            ));
+        within(
+            &key("max_fps"),
+            self.max_fps,
+            0.001,
+            1000.0,
+            " frames per second",
+        )?;
+        if self.stall_timeout_s != 0.0 {
+            within(
+                &key("stall_timeout_s"),
+                self.stall_timeout_s,
+                0.1,
+                86_400.0,
+                " seconds, or 0 (off)",
+            )?;
         }
         let template = PipelineTemplate::load(templates, &self.pipeline)
             .map_err(|e| Invalid::new(key("pipeline"), e.to_string()))?;

@@ -7,7 +7,7 @@
 use super::PublishError;
 use super::PublisherSettings;
 use super::payload::Topics;
-use crate::daemon::config::{Invalid, resolve};
+use crate::daemon::config::{Invalid, resolve, within};
 use crossbeam_channel::Sender;
 use rumqttc::{Client, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport};
 use std::path::{Path, PathBuf};
@@ -78,9 +78,16 @@ impl MqttConfig {
             PublishError::Url(url, why) => Invalid::new("mqtt.url", format!("`{url}`: {why}")),
             other => Invalid::new("mqtt.url", other.to_string()),
         })?;
-        if self.client_id.is_empty() {
-            return Err(Invalid::new("mqtt.client_id", "must not be empty"));
+        if self.client_id.is_empty()
+            || self.client_id.len() > 256
+            || self.client_id.chars().any(char::is_control)
+        {
+            return Err(Invalid::new(
+                "mqtt.client_id",
+                "must be 1 to 256 printable characters",
+            ));
         }
+        check_topic_prefix(&self.topic_prefix)?;
         if self.qos != 1 {
             return Err(Invalid::new(
                 "mqtt.qos",
@@ -92,15 +99,20 @@ impl MqttConfig {
         if password.is_some() && self.username.is_none() {
             return Err(Invalid::new("mqtt.username", "a password needs a username"));
         }
-        if !(self.result_rate_hz >= 0.0 && self.result_rate_hz.is_finite()) {
-            return Err(Invalid::new(
-                "mqtt.result_rate_hz",
-                "must be 0 (off) or a positive rate",
-            ));
-        }
-        if self.health_interval_s == 0 {
-            return Err(Invalid::new("mqtt.health_interval_s", "must be at least 1"));
-        }
+        within(
+            "mqtt.result_rate_hz",
+            self.result_rate_hz,
+            0.0,
+            100.0,
+            " messages per second and camera (0: off)",
+        )?;
+        within(
+            "mqtt.health_interval_s",
+            self.health_interval_s,
+            1,
+            86_400,
+            " seconds",
+        )?;
         Ok(password)
     }
 
@@ -153,6 +165,27 @@ impl MqttConfig {
             (None, None) => Ok(None),
         }
     }
+}
+
+/// The topic prefix by the MQTT rules for a topic that is published to: no wildcards
+/// (`+`, `#`), no NUL, not starting with `$` (brokers keep `$` topics for themselves and
+/// deliver them to nobody), no empty level; one trailing `/` is allowed and dropped.
+pub fn check_topic_prefix(prefix: &str) -> Result<(), Invalid> {
+    let bad = |why: &str| Err(Invalid::new("mqtt.topic_prefix", why));
+    let trimmed = prefix.strip_suffix('/').unwrap_or(prefix);
+    if trimmed.is_empty() || trimmed.len() > 1024 {
+        return bad("must be 1 to 1024 characters");
+    }
+    if trimmed.contains(['+', '#', '\0']) {
+        return bad("must not contain the wildcards `+` or `#`, or NUL");
+    }
+    if trimmed.starts_with('$') {
+        return bad("must not start with `$` (the broker's own topics; nobody receives them)");
+    }
+    if trimmed.split('/').any(str::is_empty) {
+        return bad("must not have an empty level (`//`, or a leading `/`)");
+    }
+    Ok(())
 }
 
 /// Host and port of an `mqtt://` / `mqtts://` URL.

@@ -11,7 +11,7 @@
 //! can drop the duplicate. The spool is bounded: when full, the oldest alarms are
 //! evicted and counted.
 
-use crate::daemon::config::{Invalid, resolve};
+use crate::daemon::config::{Invalid, resolve, within};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -48,10 +48,13 @@ impl SpoolConfig {
             )
         })?;
         let _ = std::fs::remove_file(&probe);
-        if self.max_bytes < 64 * 1024 {
-            return Err(Invalid::new("spool.max_bytes", "must be at least 65536"));
-        }
-        Ok(())
+        within(
+            "spool.max_bytes",
+            self.max_bytes,
+            64 * 1024,
+            1 << 40,
+            " bytes",
+        )
     }
 }
 
