@@ -15,30 +15,33 @@ use std::collections::{HashMap, VecDeque};
 /// Alarms in flight (sent, not yet acknowledged) at most.
 pub const WINDOW: usize = 16;
 
-/// A spooled alarm ready to publish.
+/// A spooled alarm ready to publish; its topic is the current configuration's alarm
+/// topic of `camera`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutgoingAlarm {
     pub sequence: u64,
-    pub topic: String,
+    pub camera: String,
     pub payload: Vec<u8>,
 }
 
-/// A spool record: the topic, a newline, the payload.
-pub fn encode_record(topic: &str, payload: &[u8]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(topic.len() + 1 + payload.len());
-    bytes.extend_from_slice(topic.as_bytes());
-    bytes.push(b'\n');
-    bytes.extend_from_slice(payload);
-    bytes
+/// What a spool record must say to be sent.
+#[derive(serde::Deserialize)]
+struct AlarmHead {
+    camera: String,
 }
 
-/// The topic and payload of a spool record; None when it has no topic line.
+/// The camera and payload of a spool record: the alarm's JSON. Records written before
+/// the spool stopped storing topics start with a topic line, which is skipped (the
+/// topic is made afresh). None when the record is not an alarm of a valid camera id.
 pub fn decode_record(bytes: &[u8]) -> Option<(String, Vec<u8>)> {
-    let nl = bytes.iter().position(|b| *b == b'\n')?;
-    Some((
-        String::from_utf8_lossy(&bytes[..nl]).into_owned(),
-        bytes[nl + 1..].to_vec(),
-    ))
+    let payload = if bytes.first() == Some(&b'{') {
+        bytes
+    } else {
+        let nl = bytes.iter().position(|b| *b == b'\n')?;
+        &bytes[nl + 1..]
+    };
+    let head: AlarmHead = serde_json::from_slice(payload).ok()?;
+    crate::daemon::config::topic_safe(&head.camera).then(|| (head.camera, payload.to_vec()))
 }
 
 /// The requests of one connection.
@@ -70,15 +73,19 @@ impl Delivery {
         self.spool.stats()
     }
 
-    /// Stores an alarm for `topic` durably; `build` makes its payload from the sequence
-    /// number it gets. Returns the sequence.
+    /// Stores an alarm durably; `build` makes its payload from the sequence number it
+    /// gets. Returns the sequence.
     pub fn store(
         &mut self,
-        topic: &str,
         build: impl FnOnce(u64) -> Result<Vec<u8>, SpoolError>,
     ) -> Result<u64, SpoolError> {
-        self.spool
-            .push_with(|sequence| Ok(encode_record(topic, &build(sequence)?)))
+        self.spool.push_with(build)
+    }
+
+    /// The alarm last taken by [`Delivery::next_to_send`] could not be handed to the
+    /// client: it goes back to the queue, in order, and the window keeps its room.
+    pub fn not_sent(&mut self, sequence: u64) {
+        self.spool.unsend(sequence);
     }
 
     /// The generation of the live connection, if any.
@@ -108,7 +115,7 @@ impl Delivery {
 
     /// The oldest queued alarm, if connected and the window has room; it counts as in
     /// flight from now on. Call [`Delivery::requested`] once it is handed to the client.
-    /// A record without a topic line is dropped with an error line.
+    /// A record that is not an alarm is set aside (renamed, counted as lost, logged).
     pub fn next_to_send(&mut self) -> Result<Option<OutgoingAlarm>, SpoolError> {
         if self.session.is_none() {
             return Ok(None);
@@ -118,16 +125,18 @@ impl Delivery {
                 return Ok(None);
             };
             match decode_record(&bytes) {
-                Some((topic, payload)) => {
+                Some((camera, payload)) => {
                     return Ok(Some(OutgoingAlarm {
                         sequence,
-                        topic,
+                        camera,
                         payload,
                     }));
                 }
                 None => {
-                    tracing::error!("spooled alarm {sequence} has no topic line; dropped");
-                    self.spool.acknowledge(sequence)?;
+                    tracing::error!(
+                        "spooled alarm {sequence} is not an alarm of a camera; set aside (renamed *.unreadable) and counted as lost"
+                    );
+                    self.spool.set_aside(sequence)?;
                 }
             }
         }
@@ -184,14 +193,13 @@ mod tests {
         (dir, d, seqs)
     }
 
+    fn alarm(seq: u64) -> Vec<u8> {
+        format!("{{\"camera\":\"cam1\",\"sequence\":{seq}}}").into_bytes()
+    }
+
     fn store(d: &mut Delivery, n: usize) -> Vec<u64> {
         (0..n)
-            .map(|_| {
-                d.store("p/s/d/cam1/alarm", |seq| {
-                    Ok(format!("{{\"sequence\":{seq}}}").into_bytes())
-                })
-                .unwrap()
-            })
+            .map(|_| d.store(|seq| Ok(alarm(seq))).unwrap())
             .collect()
     }
 
@@ -206,13 +214,50 @@ mod tests {
     }
 
     #[test]
-    fn records_keep_topic_and_payload() {
-        let r = encode_record("a/b/alarm", b"{\"x\":\"1\\n2\"}\n");
+    fn records_are_alarms_and_the_topic_is_not_stored() {
+        let json = br#"{"camera":"cam2","x":"1\n2"}"#;
+        assert_eq!(decode_record(json), Some(("cam2".into(), json.to_vec())));
+        // A record from before: its stored topic line is dropped, not published.
+        let mut legacy = b"$SYS/old/topic\n".to_vec();
+        legacy.extend_from_slice(json);
+        assert_eq!(decode_record(&legacy), Some(("cam2".into(), json.to_vec())));
+        assert_eq!(decode_record(b"no alarm here"), None);
         assert_eq!(
-            decode_record(&r),
-            Some(("a/b/alarm".into(), b"{\"x\":\"1\\n2\"}\n".to_vec()))
+            decode_record(br#"{"camera":"a/#"}"#),
+            None,
+            "not a camera id"
         );
-        assert_eq!(decode_record(b"no topic line"), None);
+        assert_eq!(decode_record(br#"{"sequence":1}"#), None);
+    }
+
+    #[test]
+    fn a_publish_the_client_refuses_goes_back_and_keeps_the_window_open() {
+        let (_dir, mut d, seqs) = connected_with(WINDOW + 2);
+        // Every publish fails (a client that refuses): nothing may stay in flight.
+        for _ in 0..3 * WINDOW {
+            let a = d.next_to_send().unwrap().unwrap();
+            assert_eq!(a.sequence, seqs[0], "the oldest is offered again");
+            d.not_sent(a.sequence);
+        }
+        assert_eq!((d.stats().queued, d.stats().in_flight), (WINDOW + 2, 0));
+        // Once the client takes them, they go in order.
+        assert_eq!(send_all(&mut d), seqs[..WINDOW].to_vec());
+    }
+
+    #[test]
+    fn an_unreadable_record_is_set_aside_and_counted() {
+        let (dir, mut d, seqs) = connected_with(2);
+        let first = dir.path().join(format!("{:020}.alarm", seqs[0]));
+        std::fs::write(&first, b"garbage").unwrap();
+        let a = d.next_to_send().unwrap().unwrap();
+        assert_eq!(a.sequence, seqs[1]);
+        assert_eq!(d.stats().lost_total, 1);
+        assert!(!first.exists());
+        assert!(
+            dir.path()
+                .join(format!("{:020}.alarm.unreadable", seqs[0]))
+                .exists()
+        );
     }
 
     #[test]
@@ -230,11 +275,8 @@ mod tests {
         // The status message goes first, then the three alarms, a result in between.
         d.requested(None);
         let a = d.next_to_send().unwrap().unwrap();
-        assert_eq!(a.topic, "p/s/d/cam1/alarm");
-        assert_eq!(
-            a.payload,
-            format!("{{\"sequence\":{}}}", seqs[0]).into_bytes()
-        );
+        assert_eq!(a.camera, "cam1");
+        assert_eq!(a.payload, alarm(seqs[0]));
         d.requested(Some(a.sequence));
         d.requested(None);
         assert_eq!(send_all(&mut d), seqs[1..].to_vec());
@@ -311,7 +353,7 @@ mod tests {
     fn a_failed_encoding_stores_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let mut d = delivery(dir.path());
-        let r = d.store("t", |sequence| {
+        let r = d.store(|sequence| {
             Err(SpoolError::Encode {
                 sequence,
                 reason: "test".into(),

@@ -12,6 +12,7 @@
 
 pub mod connection;
 pub mod delivery;
+mod files;
 pub mod payload;
 pub mod spool;
 
@@ -116,6 +117,8 @@ impl Publisher {
             flush_until: flush_until.clone(),
             last_result: BTreeMap::new(),
             outage_logged: false,
+            unstored: 0,
+            refusal_logged: false,
         };
         let thread = std::thread::Builder::new()
             .name("publish".into())
@@ -175,6 +178,10 @@ struct PublisherLoop {
     flush_until: Arc<std::sync::Mutex<Option<Instant>>>,
     last_result: BTreeMap<String, Instant>,
     outage_logged: bool,
+    /// Alarms lost before the spool numbered them (not encodable, counter not writable).
+    unstored: u64,
+    /// A refused publish was logged for this connection.
+    refusal_logged: bool,
 }
 
 impl PublisherLoop {
@@ -271,16 +278,14 @@ impl PublisherLoop {
     /// logged and counted in `cras_alarms_failed_total`; nothing half-made is spooled.
     fn store_alarm(&mut self, j: &Judged) {
         let (site, device) = (&self.settings.site, &self.settings.device);
-        let r = self
-            .delivery
-            .store(&self.topics.alarm(&j.camera), |sequence| {
-                serde_json::to_vec(&AlarmPayload::new(j, sequence, site, device)).map_err(|e| {
-                    SpoolError::Encode {
-                        sequence,
-                        reason: e.to_string(),
-                    }
-                })
-            });
+        let r = self.delivery.store(|sequence| {
+            serde_json::to_vec(&AlarmPayload::new(j, sequence, site, device)).map_err(|e| {
+                SpoolError::Encode {
+                    sequence,
+                    reason: e.to_string(),
+                }
+            })
+        });
         match r {
             Ok(_) => {
                 self.telemetry.alarms_total.fetch_add(1, Ordering::Relaxed);
@@ -294,7 +299,12 @@ impl PublisherLoop {
                 }
             }
             Err(e) => {
-                self.telemetry.alarms_failed.fetch_add(1, Ordering::Relaxed);
+                // Lost and TooLarge used a sequence number (a gap) and the spool counts
+                // them; the others never got one.
+                if !matches!(e, SpoolError::Lost { .. } | SpoolError::TooLarge { .. }) {
+                    self.unstored += 1;
+                }
+                self.update_stats();
                 tracing::error!(camera = %j.camera, frame = j.frame, "alarm not stored: {e}")
             }
         }
@@ -305,6 +315,7 @@ impl PublisherLoop {
             ConnEvent::Up(generation, client) => {
                 tracing::info!("connected to the broker at {}", self.settings.mqtt.url);
                 self.outage_logged = false;
+                self.refusal_logged = false;
                 self.delivery.connected(generation);
                 if client
                     .publish(self.topics.status(), QoS::AtLeastOnce, true, "online")
@@ -365,11 +376,19 @@ impl PublisherLoop {
                     break;
                 }
             };
-            if client
-                .publish(alarm.topic, QoS::AtLeastOnce, false, alarm.payload)
-                .is_err()
-            {
-                // The connection is going away; its Down event requeues the alarm.
+            let topic = self.topics.alarm(&alarm.camera);
+            if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, alarm.payload) {
+                // Back to the queue, so the window never fills with alarms that were not
+                // sent; they go out when the client takes them (or on the next
+                // connection).
+                self.delivery.not_sent(alarm.sequence);
+                if !self.refusal_logged {
+                    self.refusal_logged = true;
+                    tracing::warn!(
+                        "the MQTT client refused alarm {}: {e}; it stays in the spool",
+                        alarm.sequence
+                    );
+                }
                 break;
             }
             self.delivery.requested(Some(alarm.sequence));
@@ -407,5 +426,7 @@ impl PublisherLoop {
             .store((st.queued + st.in_flight) as u64, Ordering::Relaxed);
         t.spool_bytes.store(st.bytes, Ordering::Relaxed);
         t.alarms_evicted.store(st.evicted_total, Ordering::Relaxed);
+        t.alarms_failed
+            .store(self.unstored + st.lost_total, Ordering::Relaxed);
     }
 }

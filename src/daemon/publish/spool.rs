@@ -3,17 +3,23 @@
 //! restarts, kill -9 included, lose nothing and keep order.
 //!
 //! One file per alarm, named by a spool-wide sequence number (`<20 digits>.alarm`),
-//! written to a temporary name, fsynced and renamed, so a crash leaves either the whole
-//! alarm or nothing. Delivery state (queued / in flight / acknowledged) is a plain data
+//! holding the alarm's payload (not its topic: the topic comes from the configuration at
+//! send time). Delivery state (queued / in flight / acknowledged) is a plain data
 //! structure tested without a broker; acknowledging deletes the file. After a restart
 //! every file is queued again: an alarm whose acknowledgement was lost in the crash is
 //! sent twice, with the same content (its own sequence number inside), so a subscriber
-//! can drop the duplicate. The spool is bounded: when full, the oldest alarms are
-//! evicted and counted.
+//! can drop the duplicate.
+//!
+//! Sequence numbers are never reused and never skipped silently. The next one is reserved
+//! on disk ([`files`], fsynced) before the alarm is written, so an alarm on disk always
+//! has a number below the counter; an alarm that cannot be written after that (the disk
+//! is full even after evicting every older alarm) is counted as lost and leaves a gap a
+//! subscriber can see. The spool is bounded: when full, the oldest alarms are evicted and
+//! counted. It touches only its own files.
 
+use super::files;
 use crate::daemon::config::{Invalid, resolve, within};
 use std::collections::{BTreeMap, VecDeque};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
@@ -70,6 +76,18 @@ pub enum SpoolError {
     /// The alarm could not be encoded; nothing was stored and no sequence was used.
     #[error("alarm {sequence} cannot be encoded: {reason}")]
     Encode { sequence: u64, reason: String },
+    /// Sequence `sequence` was reserved but its alarm could not be written: a gap.
+    #[error("alarm {sequence} lost (a gap in the sequence): {source}")]
+    Lost {
+        sequence: u64,
+        source: std::io::Error,
+    },
+    #[error(
+        "alarm spool {path}: the sequence counter is unreadable ({reason}) and no alarm in the \
+         spool tells where it was; to restart numbering at 0 (subscribers that drop \
+         duplicates by sequence must be reset too), delete the file"
+    )]
+    Counter { path: PathBuf, reason: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
@@ -87,6 +105,8 @@ pub struct SpoolStats {
     pub bytes: u64,
     pub evicted_total: u64,
     pub acknowledged_total: u64,
+    /// Alarms that could not be stored or read back (each one logged).
+    pub lost_total: u64,
 }
 
 pub struct AlarmSpool {
@@ -100,44 +120,56 @@ pub struct AlarmSpool {
     bytes: u64,
     evicted_total: u64,
     acknowledged_total: u64,
-}
-
-const SEQUENCE_FILE: &str = "next-sequence";
-
-fn file_name(seq: u64) -> String {
-    format!("{seq:020}.alarm")
+    lost_total: u64,
+    /// Test seam: the next this-many alarm writes fail as on a full disk.
+    #[cfg(test)]
+    full_disk_writes: usize,
 }
 
 impl AlarmSpool {
     /// Opens (creating) the spool folder and queues every alarm found there, oldest first.
+    /// Only the spool's own files are looked at; its own interrupted writes are removed.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<AlarmSpool, SpoolError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut found = Vec::new();
         for e in std::fs::read_dir(dir).map_err(io(dir))? {
             let e = e.map_err(io(dir))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".tmp") {
+            match files::classify(&name) {
+                files::Entry::Alarm(seq) => {
+                    let size = e.metadata().map_err(io(&e.path()))?.len();
+                    found.push((seq, size));
+                }
                 // A write interrupted before its rename: it was never accepted.
-                let _ = std::fs::remove_file(e.path());
-                continue;
-            }
-            if let Some(seq) = name
-                .strip_suffix(".alarm")
-                .and_then(|s| s.parse::<u64>().ok())
-            {
-                let size = e.metadata().map_err(io(&e.path()))?.len();
-                found.push((seq, size));
+                files::Entry::Interrupted => {
+                    let _ = std::fs::remove_file(e.path());
+                }
+                files::Entry::Other => {}
             }
         }
         found.sort();
         let bytes = found.iter().map(|f| f.1).sum();
-        // Sequence numbers never repeat, even after the spool emptied and the daemon
-        // restarted: subscribers use them to drop duplicates.
-        let counter = std::fs::read_to_string(dir.join(SEQUENCE_FILE))
-            .ok()
-            .and_then(|t| t.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        let next_seq = found.last().map(|f| f.0 + 1).unwrap_or(0).max(counter);
+        let highest = found.last().map(|f| f.0 + 1);
+        let next_seq = match files::read_counter(dir) {
+            Ok(Some(counter)) => counter.max(highest.unwrap_or(0)),
+            Ok(None) => highest.unwrap_or(0),
+            Err(reason) => match highest {
+                Some(h) => {
+                    tracing::warn!(
+                        "alarm spool {}: the sequence counter is unreadable ({reason}); continuing after the highest alarm in the spool, {}",
+                        dir.display(),
+                        h - 1
+                    );
+                    h
+                }
+                None => {
+                    return Err(SpoolError::Counter {
+                        path: files::counter_path(dir),
+                        reason,
+                    });
+                }
+            },
+        };
         Ok(AlarmSpool {
             dir: dir.to_path_buf(),
             max_bytes,
@@ -147,6 +179,9 @@ impl AlarmSpool {
             bytes,
             evicted_total: 0,
             acknowledged_total: 0,
+            lost_total: 0,
+            #[cfg(test)]
+            full_disk_writes: 0,
         })
     }
 
@@ -157,14 +192,20 @@ impl AlarmSpool {
     }
 
     /// Like [`AlarmSpool::push`], with the payload built from the sequence number it gets
-    /// (so that the alarm can carry it). A builder that fails stores nothing.
+    /// (so that the alarm can carry it). A builder that fails stores nothing and uses no
+    /// sequence number; any later failure uses one (a gap) and counts the alarm as lost.
     pub fn push_with(
         &mut self,
         build: impl FnOnce(u64) -> Result<Vec<u8>, SpoolError>,
     ) -> Result<u64, SpoolError> {
-        let payload = build(self.next_seq)?;
+        let seq = self.next_seq;
+        let payload = build(seq)?;
         let size = payload.len() as u64;
+        // Reserve the number first: an alarm on disk is always below the counter.
+        files::write_counter(&self.dir, seq + 1).map_err(io(&files::counter_path(&self.dir)))?;
+        self.next_seq = seq + 1;
         if size > self.max_bytes {
+            self.lost_total += 1;
             return Err(SpoolError::TooLarge {
                 size,
                 max: self.max_bytes,
@@ -175,25 +216,32 @@ impl AlarmSpool {
                 break;
             }
         }
-        let seq = self.next_seq;
-        let path = self.dir.join(file_name(seq));
-        let tmp = self.dir.join(format!("{}.tmp", file_name(seq)));
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&payload).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        // Make the rename itself durable.
-        if let Ok(d) = std::fs::File::open(&self.dir) {
-            let _ = d.sync_all();
+        loop {
+            match self.write_alarm(seq, &payload) {
+                Ok(()) => break,
+                // A full disk: make room with the oldest alarms rather than lose the newest.
+                Err(e) if files::is_full(&e) && self.evict_oldest()? => continue,
+                Err(source) => {
+                    self.lost_total += 1;
+                    return Err(SpoolError::Lost {
+                        sequence: seq,
+                        source,
+                    });
+                }
+            }
         }
-        self.next_seq += 1;
-        let counter = self.dir.join(SEQUENCE_FILE);
-        let tmp = self.dir.join(format!("{SEQUENCE_FILE}.tmp"));
-        std::fs::write(&tmp, self.next_seq.to_string()).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &counter).map_err(io(&counter))?;
         self.bytes += size;
         self.queued.push_back((seq, size));
         Ok(seq)
+    }
+
+    fn write_alarm(&mut self, seq: u64, payload: &[u8]) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.full_disk_writes > 0 {
+            self.full_disk_writes -= 1;
+            return Err(std::io::ErrorKind::StorageFull.into());
+        }
+        files::write_durably(&self.dir, &files::alarm_name(seq), payload)
     }
 
     /// Evicts the oldest alarm, queued or in flight; false when the spool is empty.
@@ -218,7 +266,7 @@ impl AlarmSpool {
     }
 
     fn remove_file(&self, seq: u64) -> Result<(), SpoolError> {
-        let path = self.dir.join(file_name(seq));
+        let path = self.dir.join(files::alarm_name(seq));
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -231,10 +279,40 @@ impl AlarmSpool {
         let Some((seq, size)) = self.queued.pop_front() else {
             return Ok(None);
         };
-        let path = self.dir.join(file_name(seq));
-        let payload = std::fs::read(&path).map_err(io(&path))?;
+        let path = self.dir.join(files::alarm_name(seq));
+        let payload = match std::fs::read(&path) {
+            Ok(p) => p,
+            Err(e) => {
+                self.queued.push_front((seq, size));
+                return Err(io(&path)(e));
+            }
+        };
         self.in_flight.insert(seq, size);
         Ok(Some((seq, payload)))
+    }
+
+    /// The alarm `seq` taken by [`AlarmSpool::next_to_send`] was not handed to the
+    /// broker after all: it goes back to the front of the queue, in order.
+    pub fn unsend(&mut self, seq: u64) {
+        if let Some(size) = self.in_flight.remove(&seq) {
+            let at = self.queued.partition_point(|(s, _)| *s < seq);
+            self.queued.insert(at, (seq, size));
+        }
+    }
+
+    /// An alarm that cannot be sent (its file is not an alarm): renamed to
+    /// `<name>.unreadable` for inspection, out of the queue, counted as lost.
+    pub fn set_aside(&mut self, seq: u64) -> Result<(), SpoolError> {
+        if let Some(size) = self.in_flight.remove(&seq) {
+            let path = self.dir.join(files::alarm_name(seq));
+            let aside = self
+                .dir
+                .join(format!("{}.unreadable", files::alarm_name(seq)));
+            std::fs::rename(&path, &aside).map_err(io(&path))?;
+            self.bytes -= size;
+            self.lost_total += 1;
+        }
+        Ok(())
     }
 
     /// The broker acknowledged `seq`: forget it for good.
@@ -263,6 +341,7 @@ impl AlarmSpool {
             bytes: self.bytes,
             evicted_total: self.evicted_total,
             acknowledged_total: self.acknowledged_total,
+            lost_total: self.lost_total,
         }
     }
 }
@@ -350,11 +429,118 @@ mod tests {
     #[test]
     fn interrupted_writes_are_discarded() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(format!("{}.tmp", file_name(7))), b"half").unwrap();
-        std::fs::write(dir.path().join(file_name(3)), b"whole").unwrap();
+        std::fs::write(
+            dir.path().join(format!("{}.tmp", files::alarm_name(7))),
+            b"half",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(files::alarm_name(3)), b"whole").unwrap();
         let mut s = AlarmSpool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.push(b"next").unwrap(), 4);
         assert_eq!(drain(&mut s), vec![b"whole".to_vec(), b"next".to_vec()]);
-        assert!(!dir.path().join(format!("{}.tmp", file_name(7))).exists());
+        assert!(
+            !dir.path()
+                .join(format!("{}.tmp", files::alarm_name(7)))
+                .exists()
+        );
+    }
+
+    #[test]
+    fn a_full_disk_evicts_the_oldest_to_store_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = AlarmSpool::open(dir.path(), 1 << 20).unwrap();
+        for p in ["a0", "a1", "a2"] {
+            s.push(p.as_bytes()).unwrap();
+        }
+        // The disk refuses the next two writes: two oldest alarms make room.
+        s.full_disk_writes = 2;
+        assert_eq!(s.push(b"a3").unwrap(), 3);
+        assert_eq!(s.stats().evicted_total, 2);
+        assert_eq!(drain(&mut s), vec![b"a2".to_vec(), b"a3".to_vec()]);
+    }
+
+    #[test]
+    fn an_alarm_that_cannot_be_written_leaves_a_counted_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = AlarmSpool::open(dir.path(), 1 << 20).unwrap();
+        s.push(b"a0").unwrap();
+        // Full even after evicting everything: the alarm is lost, visibly.
+        s.full_disk_writes = 10;
+        assert!(matches!(
+            s.push(b"a1"),
+            Err(SpoolError::Lost { sequence: 1, .. })
+        ));
+        assert_eq!((s.stats().lost_total, s.stats().evicted_total), (1, 1));
+        s.full_disk_writes = 0;
+        assert_eq!(
+            s.push(b"a2").unwrap(),
+            2,
+            "sequence 1 is a gap, never reused"
+        );
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".tmp")),
+            "no temporary file stays behind"
+        );
+        drop(s);
+        // Even after a restart with an empty spool.
+        let mut s = AlarmSpool::open(dir.path(), 1 << 20).unwrap();
+        drain(&mut s);
+        assert_eq!(s.push(b"a3").unwrap(), 3);
+    }
+
+    #[test]
+    fn a_corrupt_counter_is_recovered_from_the_spool_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = AlarmSpool::open(dir.path(), 1 << 20).unwrap();
+        for _ in 0..5 {
+            s.push(b"x").unwrap();
+        }
+        let (seq, _) = s.next_to_send().unwrap().unwrap();
+        s.acknowledge(seq).unwrap();
+        drop(s);
+        std::fs::write(files::counter_path(dir.path()), b"\0\0\0").unwrap();
+        // Alarms 1-4 are still there: numbering continues after the highest.
+        let mut s = AlarmSpool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.push(b"y").unwrap(), 5);
+        drain(&mut s);
+        drop(s);
+        std::fs::write(files::counter_path(dir.path()), b"garbage").unwrap();
+        // Nothing tells where it was: an error, never a silent restart at 0.
+        assert!(matches!(
+            AlarmSpool::open(dir.path(), 1 << 20),
+            Err(SpoolError::Counter { .. })
+        ));
+    }
+
+    #[test]
+    fn the_spool_touches_only_its_own_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.tmp"), b"mine").unwrap();
+        std::fs::write(dir.path().join("00001.alarm"), b"not the spool's").unwrap();
+        let mut s = AlarmSpool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.stats().queued, 0, "a misnamed file is not an alarm");
+        s.push(b"a").unwrap();
+        drain(&mut s);
+        assert!(dir.path().join("notes.tmp").exists());
+        assert!(dir.path().join("00001.alarm").exists());
+    }
+
+    #[test]
+    fn an_alarm_not_handed_over_goes_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = AlarmSpool::open(dir.path(), 1 << 20).unwrap();
+        for p in ["a0", "a1", "a2"] {
+            s.push(p.as_bytes()).unwrap();
+        }
+        let (s0, _) = s.next_to_send().unwrap().unwrap();
+        let (s1, _) = s.next_to_send().unwrap().unwrap();
+        s.unsend(s1);
+        assert_eq!((s.stats().queued, s.stats().in_flight), (2, 1));
+        s.acknowledge(s0).unwrap();
+        assert_eq!(drain(&mut s), vec![b"a1".to_vec(), b"a2".to_vec()]);
     }
 }
