@@ -12,7 +12,6 @@
 
 pub mod connection;
 pub mod delivery;
-mod files;
 pub mod payload;
 pub mod spool;
 
