@@ -151,7 +151,10 @@ pub fn load_mask(path: &Path, spec: &crate::preprocess::InputSpec) -> Result<Vec
             reason: e.to_string(),
         })?
         .to_rgb8();
-    let crop = crate::preprocess::resize_and_crop(&m, spec);
+    let crop = crate::preprocess::resize_and_crop(&m, spec).map_err(|e| DatasetError::Mask {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     Ok(crop.pixels().map(|p| p.0[0] > 127).collect())
 }
 

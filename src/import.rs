@@ -158,6 +158,7 @@ pub fn import_reference(opts: &ImportOptions) -> Result<Bundle> {
             training: None,
         },
         onnx_sha256: String::new(),
+        model_sha256: String::new(),
     };
     let bundle = Bundle::write(&opts.out, meta, &onnx)?;
     tracing::info!(

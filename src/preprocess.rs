@@ -21,6 +21,14 @@ pub struct InputSpec {
     pub std: [f32; 3],
 }
 
+/// Largest network input side a bundle may declare.
+pub const MAX_INPUT_SIDE: usize = 4096;
+/// Largest image side decoded or taken from a camera.
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+/// Longest side over shortest side at most: the resize makes the shorter side the
+/// model's size, so the longer one (and the memory) grows with the ratio.
+pub const MAX_ASPECT: u32 = 32;
+
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
@@ -63,19 +71,91 @@ pub enum ImageError {
     Read { path: PathBuf, reason: String },
     #[error("cannot decode image {path}: {reason}")]
     Decode { path: PathBuf, reason: String },
+    #[error("image {path}: {source}")]
+    Size { path: PathBuf, source: SizeError },
 }
 
-/// Decodes an image file to RGB8 (grayscale replicated, alpha dropped, 16-bit scaled).
+/// An image whose size the pre-processing refuses: the resize's memory grows with it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SizeError {
+    #[error("{width}x{height} is empty")]
+    Empty { width: u32, height: u32 },
+    #[error("{width}x{height} is larger than {MAX_IMAGE_SIDE} pixels on a side")]
+    TooLarge { width: u32, height: u32 },
+    #[error("{width}x{height} is longer than {MAX_ASPECT} times its width")]
+    Aspect { width: u32, height: u32 },
+}
+
+/// Whether an image of `width` x `height` may be pre-processed: not empty, at most
+/// [`MAX_IMAGE_SIDE`] on a side, at most [`MAX_ASPECT`]:1.
+pub fn check_size(width: u32, height: u32) -> Result<(), SizeError> {
+    let (long, short) = (width.max(height), width.min(height));
+    if short == 0 {
+        Err(SizeError::Empty { width, height })
+    } else if long > MAX_IMAGE_SIDE {
+        Err(SizeError::TooLarge { width, height })
+    } else if u64::from(long) > u64::from(MAX_ASPECT) * u64::from(short) {
+        Err(SizeError::Aspect { width, height })
+    } else {
+        Ok(())
+    }
+}
+
+/// Why bytes did not decode to an image the pre-processing takes.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("{0}")]
+    Image(String),
+    #[error(transparent)]
+    Size(#[from] SizeError),
+}
+
+/// Decodes encoded image bytes to RGB8 (grayscale replicated, alpha dropped, 16-bit
+/// scaled). The size is read from the header and checked first, and the decoder's
+/// allocation is bounded, so a small file that declares a huge image takes no memory.
+pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, DecodeError> {
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| DecodeError::Image(e.to_string()))
+    };
+    // The header alone first: the size is refused with its own reason.
+    let (w, h) = reader()?
+        .into_dimensions()
+        .map_err(|e| DecodeError::Image(e.to_string()))?;
+    check_size(w, h)?;
+    let mut decoder = reader()?;
+    decoder.limits(limits_for_decode());
+    let img = decoder
+        .decode()
+        .map_err(|e| DecodeError::Image(e.to_string()))?;
+    Ok(img.to_rgb8())
+}
+
+/// Decodes an image file to RGB8, as [`decode_rgb`] does.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     let bytes = std::fs::read(path).map_err(|e| ImageError::Read {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let img = image::load_from_memory(&bytes).map_err(|e| ImageError::Decode {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    Ok(img.to_rgb8())
+    decode_rgb(&bytes).map_err(|e| match e {
+        DecodeError::Size(source) => ImageError::Size {
+            path: path.to_path_buf(),
+            source,
+        },
+        DecodeError::Image(reason) => ImageError::Decode {
+            path: path.to_path_buf(),
+            reason,
+        },
+    })
+}
+
+fn limits_for_decode() -> image::Limits {
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(1 << 30);
+    limits
 }
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -186,7 +266,9 @@ pub fn resized_dims(w: usize, h: usize, size: usize) -> (usize, usize) {
 }
 
 /// Resize + centre crop: the image the network sees, as RGB8 (also used for overlays).
-pub fn resize_and_crop(img: &RgbImage, spec: &InputSpec) -> RgbImage {
+/// Refuses an image [`check_size`] refuses.
+pub fn resize_and_crop(img: &RgbImage, spec: &InputSpec) -> Result<RgbImage, SizeError> {
+    check_size(img.width(), img.height())?;
     let (rw, rh) = resized_dims(img.width() as usize, img.height() as usize, spec.resize);
     let resized = if (rw, rh) == (img.width() as usize, img.height() as usize) {
         img.clone()
@@ -196,7 +278,10 @@ pub fn resize_and_crop(img: &RgbImage, spec: &InputSpec) -> RgbImage {
     // torchvision CenterCrop: int(round((size - crop) / 2)), Python rounds half to even.
     let top = ((rh as f64 - spec.height as f64) / 2.0).round_ties_even() as u32;
     let left = ((rw as f64 - spec.width as f64) / 2.0).round_ties_even() as u32;
-    image::imageops::crop_imm(&resized, left, top, spec.width as u32, spec.height as u32).to_image()
+    Ok(
+        image::imageops::crop_imm(&resized, left, top, spec.width as u32, spec.height as u32)
+            .to_image(),
+    )
 }
 
 /// Normalised CHW float32 tensor of a cropped RGB8 image, appended to `out`.
@@ -213,7 +298,10 @@ pub fn normalise_into(crop: &RgbImage, spec: &InputSpec, out: &mut Vec<f32>) {
 /// The whole pipeline for one file: (network input [3,H,W], the cropped RGB image).
 pub fn prepare(path: &Path, spec: &InputSpec) -> Result<(Vec<f32>, RgbImage), ImageError> {
     let img = load_rgb(path)?;
-    let crop = resize_and_crop(&img, spec);
+    let crop = resize_and_crop(&img, spec).map_err(|source| ImageError::Size {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut t = Vec::new();
     normalise_into(&crop, spec, &mut t);
     Ok((t, crop))
@@ -222,6 +310,40 @@ pub fn prepare(path: &Path, spec: &InputSpec) -> Result<(Vec<f32>, RgbImage), Im
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_the_resize_cannot_take_are_refused() {
+        assert!(check_size(640, 480).is_ok());
+        assert!(check_size(8192, 256).is_ok(), "a 32:1 line-scan frame");
+        assert_eq!(
+            check_size(1, 100_000),
+            Err(SizeError::TooLarge {
+                width: 1,
+                height: 100_000
+            })
+        );
+        assert!(matches!(check_size(1, 1000), Err(SizeError::Aspect { .. })));
+        assert!(matches!(check_size(0, 10), Err(SizeError::Empty { .. })));
+        assert!(matches!(
+            check_size(16_385, 16_000),
+            Err(SizeError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn a_tiny_file_declaring_a_huge_image_is_refused_before_decoding() {
+        let mut png = Vec::new();
+        image::GrayImage::new(1, 10_000)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        assert!(matches!(
+            decode_rgb(&png),
+            Err(DecodeError::Size(SizeError::Aspect { .. }))
+        ));
+        let spec = InputSpec::square(288, 288, Normalization::Imagenet);
+        let sliver = RgbImage::new(2, 1000);
+        assert!(resize_and_crop(&sliver, &spec).is_err());
+    }
 
     #[test]
     fn resized_dims_follow_torchvision() {

@@ -279,3 +279,71 @@ fn missing_onnxruntime_library_says_how_to_get_it() {
         "{err}"
     );
 }
+
+/// A 1x100000 PNG is a few hundred bytes; resizing its short side to the model's size
+/// used to allocate gigabytes and abort the process. It fails alone now.
+#[test]
+fn a_huge_image_in_a_tiny_file_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = lite0_bundle(dir.path(), "bundle");
+    let sliver = dir.path().join("sliver.png");
+    image::GrayImage::new(1, 100_000).save(&sliver).unwrap();
+    assert!(
+        std::fs::metadata(&sliver).unwrap().len() < 1 << 20,
+        "a small file"
+    );
+    let good = lite0_set().join("images/alpha/test/good/000.png");
+    let (code, stdout, err) = cras(&[
+        "infer",
+        "--model",
+        bundle.to_str().unwrap(),
+        sliver.to_str().unwrap(),
+        good.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("1x100000 is larger than 16384 pixels"),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1]["score"].as_f64().is_some(), "{}", lines[1]);
+}
+
+/// model.yaml's model fields are covered by the bundle's hash: an edit that passes the
+/// range checks is still refused, and a resize that would exhaust memory is out of range.
+#[test]
+fn edited_model_fields_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = lite0_bundle(dir.path(), "bundle");
+    let yaml_path = bundle.join("model.yaml");
+    let yaml = std::fs::read_to_string(&yaml_path).unwrap();
+    let img = lite0_set().join("images/alpha/test/good/000.png");
+    let infer = || {
+        cras(&[
+            "infer",
+            "--model",
+            bundle.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ])
+    };
+    std::fs::write(&yaml_path, yaml.replace("resize: 329", "resize: 330")).unwrap();
+    let (code, _, err) = infer();
+    assert_eq!(code, 2);
+    assert!(err.contains("model fields"), "{err}");
+    std::fs::write(&yaml_path, yaml.replace("resize: 329", "resize: 60000")).unwrap();
+    let (code, _, err) = infer();
+    assert_eq!(code, 2);
+    assert!(err.contains("at most 4 times the crop size"), "{err}");
+    // Thresholds are not model fields: calibration may change them.
+    std::fs::write(&yaml_path, &yaml).unwrap();
+    let (code, _, err) = infer();
+    assert_eq!(code, 0, "{err}");
+}

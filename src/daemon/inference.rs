@@ -9,7 +9,7 @@ use super::telemetry::{CameraTelemetry, Latency, Stage, Telemetry};
 use crate::engine::EngineKind;
 use crate::engine::{CrasOutputs, Engine};
 use crate::model::bundle::{Bundle, ClassThresholds};
-use crate::preprocess::{InputSpec, normalise_into, resize_and_crop};
+use crate::preprocess::{InputSpec, check_size, normalise_into, resize_and_crop};
 use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -242,10 +242,30 @@ impl InferenceStage {
         }
     }
 
+    /// The frames the pre-processing can take; the others are counted as failed.
+    fn refuse_bad_sizes(&self, batch: Vec<Frame>) -> Vec<Frame> {
+        batch
+            .into_iter()
+            .filter(|f| match check_size(f.image.width(), f.image.height()) {
+                Ok(()) => true,
+                Err(e) => {
+                    let cam = &self.cameras[f.camera];
+                    cam.frames_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(camera = %cam.id, frame = f.number, "frame skipped: {e}");
+                    false
+                }
+            })
+            .collect()
+    }
+
     /// Runs one batch; false when the next stage is gone.
     fn run_batch(&mut self, batch: Vec<Frame>) -> bool {
         let spec = &self.input;
+        let batch = self.refuse_bad_sizes(batch);
         let n = batch.len();
+        if n == 0 {
+            return true;
+        }
         let run_n = self.engine.fixed_batch().unwrap_or(n).max(n);
         let per = 3 * spec.height * spec.width;
         // One buffer for every batch: allocated once, refilled per batch.
@@ -255,7 +275,11 @@ impl InferenceStage {
         let mut prepare_ms = Vec::with_capacity(n);
         for f in &batch {
             let t0 = Instant::now();
-            normalise_into(&resize_and_crop(&f.image, spec), spec, &mut input);
+            match resize_and_crop(&f.image, spec) {
+                Ok(crop) => normalise_into(&crop, spec, &mut input),
+                // Sizes were checked above; keep the batch aligned all the same.
+                Err(_) => input.resize(input.len() + per, 0.0),
+            }
             prepare_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         input.resize(run_n * per, 0.0);

@@ -96,6 +96,24 @@ pub struct BundleMeta {
     pub provenance: Provenance,
     /// sha256 of model.onnx, hex.
     pub onnx_sha256: String,
+    /// sha256 over the fields that define the model (format, classes, input, backbone,
+    /// embedding width, patch grid, the graph's hash), hex: an edit of any of them is
+    /// refused at load. Thresholds and provenance are not covered (`cras calibrate`
+    /// changes thresholds). Empty in bundles written before it existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model_sha256: String,
+}
+
+/// What `model_sha256` covers, in a fixed serialisation.
+#[derive(serde::Serialize)]
+struct ModelFields<'a> {
+    format_version: u32,
+    classes: &'a [String],
+    input: &'a InputSpec,
+    backbone: &'a str,
+    embed_dim: usize,
+    patch_grid: [usize; 2],
+    onnx_sha256: &'a str,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +127,11 @@ pub enum BundleError {
     Yaml { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    #[error(
+        "{path}: model.yaml's model fields (classes, input, backbone, sizes) were changed \
+         after the bundle was written; restore them or rebuild the bundle"
+    )]
+    FieldsEdited { path: PathBuf },
     #[error(
         "{path}: model.onnx does not match model.yaml (sha256 {found}, expected {expected}); \
          the bundle was changed or copied incompletely"
@@ -138,6 +161,25 @@ pub struct Bundle {
 }
 
 impl BundleMeta {
+    /// The hash `model_sha256` holds for these fields.
+    pub fn fields_sha256(&self) -> String {
+        let fields = ModelFields {
+            format_version: self.format_version,
+            classes: &self.classes,
+            input: &self.input,
+            backbone: &self.backbone,
+            embed_dim: self.embed_dim,
+            patch_grid: self.patch_grid,
+            onnx_sha256: &self.onnx_sha256,
+        };
+        // Serialising plain numbers, strings and arrays cannot fail.
+        sha256_hex(
+            serde_json::to_string(&fields)
+                .unwrap_or_default()
+                .as_bytes(),
+        )
+    }
+
     fn check(&self, path: &Path) -> Result<(), BundleError> {
         let bad = |reason: String| {
             Err(BundleError::Invalid {
@@ -164,13 +206,21 @@ impl BundleMeta {
             }
         }
         let i = &self.input;
-        if i.height == 0 || i.width == 0 {
-            return bad("input.height/width must be positive".into());
+        let max_input = crate::preprocess::MAX_INPUT_SIDE;
+        if !(16..=max_input).contains(&i.height) || !(16..=max_input).contains(&i.width) {
+            return bad(format!("input.height/width must be from 16 to {max_input}"));
         }
         if i.resize < i.height.min(i.width) {
             return bad(format!(
                 "input.resize ({}) must be at least the crop size ({}x{})",
                 i.resize, i.height, i.width
+            ));
+        }
+        let max_resize = 4 * i.height.max(i.width);
+        if i.resize > max_resize {
+            return bad(format!(
+                "input.resize ({}) must be at most 4 times the crop size ({max_resize})",
+                i.resize
             ));
         }
         if i.std.iter().any(|s| !(*s > 0.0 && s.is_finite()))
@@ -214,6 +264,14 @@ impl Bundle {
             path: opath.clone(),
             source,
         })?;
+        if meta.model_sha256.is_empty() {
+            tracing::warn!(
+                "{}: written before model.yaml's model fields were hashed; rewrite it (cras calibrate) to protect them",
+                ypath.display()
+            );
+        } else if meta.model_sha256 != meta.fields_sha256() {
+            return Err(BundleError::FieldsEdited { path: ypath });
+        }
         let found = sha256_hex(&onnx);
         if found != meta.onnx_sha256 {
             return Err(BundleError::HashMismatch {
@@ -239,6 +297,7 @@ impl Bundle {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         meta.onnx_sha256 = sha256_hex(onnx);
+        meta.model_sha256 = meta.fields_sha256();
         meta.check(&dir.join(YAML_FILE))?;
         let yaml = serde_saphyr::to_string(&meta).map_err(|e| BundleError::Yaml {
             path: dir.join(YAML_FILE),
@@ -257,9 +316,10 @@ impl Bundle {
     }
 
     /// Rewrites `model.yaml` (after calibration); `model.onnx` is left untouched.
-    pub fn write_meta(&self) -> Result<(), BundleError> {
+    pub fn write_meta(&mut self) -> Result<(), BundleError> {
         let path = self.dir.join(YAML_FILE);
         self.meta.check(&path)?;
+        self.meta.model_sha256 = self.meta.fields_sha256();
         let yaml = serde_saphyr::to_string(&self.meta).map_err(|e| BundleError::Yaml {
             path: path.clone(),
             reason: e.to_string(),

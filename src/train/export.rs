@@ -95,6 +95,7 @@ pub(super) fn write_bundle(
             }),
         },
         onnx_sha256: String::new(),
+        model_sha256: String::new(),
     };
     let bundle = Bundle::write(&o.out, meta, &onnx)?;
     tracing::info!(

@@ -30,7 +30,12 @@ impl Source {
     /// The cropped RGB image the network sees.
     pub fn load(&self, spec: &InputSpec) -> Result<image::RgbImage, preprocess::ImageError> {
         let img = preprocess::load_rgb(self.path())?;
-        let mut crop = preprocess::resize_and_crop(&img, spec);
+        let mut crop = preprocess::resize_and_crop(&img, spec).map_err(|source| {
+            preprocess::ImageError::Size {
+                path: self.path().to_path_buf(),
+                source,
+            }
+        })?;
         if let Source::WithDefect(_, seed, strength, kinds) = self {
             crate::synth::paint_random_defect(
                 &mut crop,

@@ -18,6 +18,8 @@ pub enum FrameError {
     Decode(String),
     #[error("{0}")]
     Malformed(String),
+    #[error(transparent)]
+    Size(#[from] crate::preprocess::SizeError),
 }
 
 pub(super) fn describe_error(e: &gst::message::Error) -> String {
@@ -71,10 +73,12 @@ pub(super) fn frame_image(sample: &gst::Sample) -> Result<image::RgbImage, Frame
         }
         let w = s
             .get::<i32>("width")
-            .map_err(|_| bad("caps without width"))? as usize;
+            .map_err(|_| bad("caps without width"))?;
         let h = s
             .get::<i32>("height")
-            .map_err(|_| bad("caps without height"))? as usize;
+            .map_err(|_| bad("caps without height"))?;
+        crate::preprocess::check_size(w.max(0) as u32, h.max(0) as u32)?;
+        let (w, h) = (w as usize, h as usize);
         // GStreamer pads RGB rows to 4 bytes.
         let stride = (w * 3 + 3) & !3;
         if data.len() < stride * (h.max(1) - 1) + w * 3 {
@@ -89,9 +93,10 @@ pub(super) fn frame_image(sample: &gst::Sample) -> Result<image::RgbImage, Frame
         }
         image::RgbImage::from_raw(w as u32, h as u32, rgb).ok_or_else(|| bad("frame size mismatch"))
     } else if s.name().starts_with("image/") {
-        Ok(image::load_from_memory(data)
-            .map_err(|e| FrameError::Decode(e.to_string()))?
-            .to_rgb8())
+        Ok(crate::preprocess::decode_rgb(data).map_err(|e| match e {
+            crate::preprocess::DecodeError::Size(s) => FrameError::Size(s),
+            crate::preprocess::DecodeError::Image(reason) => FrameError::Decode(reason),
+        })?)
     } else {
         Err(FrameError::Media(s.name().to_string()))
     }
