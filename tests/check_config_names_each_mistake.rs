@@ -353,3 +353,34 @@ fn the_flush_timeout_is_bounded() {
         );
     }
 }
+
+/// An RTSP camera's password is neither printed by check-config (the unit's
+/// ExecStartPre, so the journal) nor echoed by an error about its value.
+#[test]
+fn camera_passwords_are_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = bundle(dir.path());
+    let good = GOOD
+        .replace("MODEL", model.to_str().unwrap())
+        .replace("SPOOL", dir.path().join("spool").to_str().unwrap());
+    let with_password = good.replace(
+        "rtsp://10.0.0.2/stream1",
+        "rtsp://op:Pa55w0rd@10.0.0.2/stream1",
+    );
+    let (code, out) = check(dir.path(), &with_password);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("rtsp://op:***@10.0.0.2/stream1"), "{out}");
+    assert!(!out.contains("Pa55w0rd"), "{out}");
+    let refused = good.replace(
+        "rtsp://10.0.0.2/stream1",
+        "rtsp://op:Pa55w0rd@10.0.0.2/s\\\"1",
+    );
+    let (code, out) = check(dir.path(), &refused);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("cameras[1].params"), "{out}");
+    assert!(!out.contains("Pa55w0rd"), "{out}");
+    let url = good.replace("mqtt://127.0.0.1:1883", "mqtt://u:Pa55w0rd@broker:port");
+    let (code, out) = check(dir.path(), &url);
+    assert_ne!(code, 0, "{out}");
+    assert!(!out.contains("Pa55w0rd"), "{out}");
+}

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 use cras::daemon::capture::template::templates_dir;
+use cras::daemon::config::redact_credentials;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -28,7 +29,7 @@ impl CheckConfigArgs {
             v.bundle.meta.classes.len(),
             v.config.model.engine.name(),
             v.config.cameras.len(),
-            v.config.mqtt.url,
+            redact_credentials(&v.config.mqtt.url),
             if v.password.is_some() {
                 " (password set)"
             } else {
@@ -36,7 +37,7 @@ impl CheckConfigArgs {
             }
         );
         for (cam, p) in &v.pipelines {
-            println!("  {cam}: {}", p.text);
+            println!("  {cam}: {}", redact_credentials(&p.text));
         }
         Ok(ExitCode::SUCCESS)
     }

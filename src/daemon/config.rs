@@ -140,6 +140,34 @@ pub fn within<T: PartialOrd + std::fmt::Display>(
 /// Longest device, site and camera id: they are topic levels and metric labels.
 pub const MAX_ID_LEN: usize = 64;
 
+/// `text` with the password of every `scheme://user:password@host` URL in it replaced by
+/// `***`: pipelines, URLs and GStreamer's messages about them are shown (check-config,
+/// logs, camera states in `health`) without the secrets they may carry.
+pub fn redact_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        // The authority ends at the first `/`, whitespace or quote.
+        let end = tail
+            .find(|c: char| c == '/' || c.is_whitespace() || c == '"' || c == '\'')
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match (authority.rfind('@'), authority.find(':')) {
+            (Some(userinfo_end), Some(colon)) if colon < userinfo_end => {
+                out.push_str(&authority[..colon]);
+                out.push_str(":***");
+                out.push_str(&authority[userinfo_end..]);
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `p` taken from the config file's folder `base` if it is relative.
 pub fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
@@ -204,5 +232,34 @@ impl Config {
             pipelines,
             password,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_passwords_are_redacted_and_nothing_else() {
+        let text = r#"rtspsrc location=rtsp://op:s3cret@10.0.0.2:554/s1 latency=200 ! x location="rtsp://a:b@h/y z""#;
+        let r = redact_credentials(text);
+        assert_eq!(
+            r,
+            r#"rtspsrc location=rtsp://op:***@10.0.0.2:554/s1 latency=200 ! x location="rtsp://a:***@h/y z""#
+        );
+        for plain in [
+            "mqtt://127.0.0.1:1883",
+            "rtsp://cam@host/x",
+            "no url here",
+            "file:///data/x.png",
+            "",
+        ] {
+            assert_eq!(redact_credentials(plain), plain);
+        }
+        // A password with `@` or `:` in it is hidden whole.
+        assert_eq!(
+            redact_credentials("mqtt://u:p@ss:w@broker:1883"),
+            "mqtt://u:***@broker:1883"
+        );
     }
 }

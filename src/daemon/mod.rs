@@ -398,9 +398,10 @@ fn log_start(p: &Prepared) {
         p.valid.bundle.meta.classes.join(", "),
         p.engine.name(),
         c.cameras.len(),
-        c.mqtt.url
+        config::redact_credentials(&c.mqtt.url)
     );
     for (camera, pipeline) in &p.valid.pipelines {
-        tracing::info!(camera = %camera, "pipeline: {}", pipeline.text);
+        let text = config::redact_credentials(&pipeline.text);
+        tracing::info!(camera = %camera, "pipeline: {text}");
     }
 }

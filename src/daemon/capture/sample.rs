@@ -27,10 +27,11 @@ pub(super) fn describe_error(e: &gst::message::Error) -> String {
         .src()
         .map(|s| s.name().to_string())
         .unwrap_or_else(|| "pipeline".into());
-    match e.debug() {
+    // GStreamer's messages quote the location, with any password in it.
+    crate::daemon::config::redact_credentials(&match e.debug() {
         Some(d) => format!("{from}: {} ({d})", e.error()),
         None => format!("{from}: {}", e.error()),
-    }
+    })
 }
 
 pub(super) fn bus_error(bus: &gst::Bus) -> Option<String> {

@@ -46,14 +46,12 @@ pub enum TemplateError {
         param: String,
         known: String,
     },
+    /// The value is not echoed: it may hold a password (an RTSP URL's).
     #[error(
-        "pipeline `{name}` parameter `{param}`: value {value:?} may not contain `!`, quotes or newlines"
+        "pipeline `{name}` parameter `{param}`: the value may not contain `!`, quotes, \
+         backslashes or control characters"
     )]
-    UnsafeValue {
-        name: String,
-        param: String,
-        value: String,
-    },
+    UnsafeValue { name: String, param: String },
 }
 
 impl PipelineTemplate {
@@ -143,18 +141,35 @@ impl PipelineTemplate {
                     });
                 }
             };
-            // Values are spliced into gst-launch syntax: refuse what could add elements.
-            if v.contains(['!', '"', '\'', '\n']) {
-                return Err(TemplateError::UnsafeValue {
+            out = out.replace(
+                &format!("{{{k}}}"),
+                &gst_value(&v).ok_or_else(|| TemplateError::UnsafeValue {
                     name: self.name.clone(),
                     param: k.clone(),
-                    value: v,
-                });
-            }
-            out = out.replace(&format!("{{{k}}}"), &v);
+                })?,
+            );
         }
         Ok(out)
     }
+}
+
+/// A parameter value as one gst-launch token: as it is when it is a plain token, else in
+/// double quotes (a path with spaces, a URL with a query), so it can never end the
+/// property and add elements or properties. None for what quoting cannot hold safely.
+fn gst_value(v: &str) -> Option<String> {
+    if v.chars()
+        .any(|c| c.is_control() || matches!(c, '!' | '"' | '\'' | '\\'))
+    {
+        return None;
+    }
+    let plain = !v.is_empty()
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.:/%@+~".contains(c));
+    Some(if plain {
+        v.to_string()
+    } else {
+        format!("\"{v}\"")
+    })
 }
 
 #[cfg(test)]
@@ -219,5 +234,51 @@ mod tests {
             t.render(&v),
             Err(TemplateError::UnsafeValue { .. })
         ));
+    }
+
+    #[test]
+    fn values_with_spaces_are_one_quoted_token() {
+        let t = shipped("image-sequence");
+        let v = BTreeMap::from([("location".to_string(), "/data/line 2/%05d.png".to_string())]);
+        let text = t.render(&v).unwrap();
+        assert!(
+            text.contains(r#"location="/data/line 2/%05d.png" index=0"#),
+            "{text}"
+        );
+        // What used to add an element is now part of one quoted value.
+        let v = BTreeMap::from([("location".to_string(), "x fakesink".to_string())]);
+        assert!(t.render(&v).unwrap().contains(r#"location="x fakesink" "#));
+        let secret = BTreeMap::from([(
+            "location".to_string(),
+            "rtsp://u:s3cret@cam/\"x".to_string(),
+        )]);
+        let err = t.render(&secret).unwrap_err().to_string();
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn quoted_values_parse_as_one_property_in_gstreamer() {
+        gstreamer::init().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("with space");
+        let t = shipped("image-sequence");
+        let v = BTreeMap::from([(
+            "location".to_string(),
+            format!("{}/%05d.png", folder.display()),
+        )]);
+        let text = t.render(&v).unwrap();
+        let pipeline = gstreamer::parse::launch(&text).unwrap();
+        let bin = pipeline.downcast::<gstreamer::Bin>().unwrap();
+        use gstreamer::prelude::*;
+        let src = bin
+            .iterate_elements()
+            .into_iter()
+            .flatten()
+            .find(|e| e.factory().is_some_and(|f| f.name() == "multifilesrc"))
+            .unwrap();
+        assert_eq!(
+            src.property::<Option<String>>("location").unwrap(),
+            format!("{}/%05d.png", folder.display())
+        );
     }
 }

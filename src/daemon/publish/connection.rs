@@ -7,7 +7,7 @@
 use super::PublishError;
 use super::PublisherSettings;
 use super::payload::Topics;
-use crate::daemon::config::{Invalid, resolve, within};
+use crate::daemon::config::{Invalid, redact_credentials, resolve, within};
 use crossbeam_channel::Sender;
 use rumqttc::{Client, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport};
 use std::path::{Path, PathBuf};
@@ -190,7 +190,7 @@ pub fn check_topic_prefix(prefix: &str) -> Result<(), Invalid> {
 
 /// Host and port of an `mqtt://` / `mqtts://` URL.
 pub fn parse_url(url: &str) -> Result<(String, u16, bool), PublishError> {
-    let bad = |why: &str| PublishError::Url(url.to_string(), why.to_string());
+    let bad = |why: &str| PublishError::Url(redact_credentials(url), why.to_string());
     let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
         (true, r)
     } else if let Some(r) = url.strip_prefix("mqtt://") {

@@ -17,6 +17,7 @@ pub mod spool;
 
 use super::judging::Judged;
 use super::telemetry::{Stage, Telemetry};
+use crate::daemon::config::redact_credentials;
 use connection::ConnEvent;
 use connection::MqttConfig;
 use crossbeam_channel::{Receiver, Sender};
@@ -312,7 +313,10 @@ impl PublisherLoop {
     fn handle(&mut self, ev: ConnEvent) {
         match ev {
             ConnEvent::Up(generation, client) => {
-                tracing::info!("connected to the broker at {}", self.settings.mqtt.url);
+                tracing::info!(
+                    "connected to the broker at {}",
+                    redact_credentials(&self.settings.mqtt.url)
+                );
                 self.outage_logged = false;
                 self.refusal_logged = false;
                 self.delivery.connected(generation);
@@ -339,7 +343,7 @@ impl PublisherLoop {
                     self.outage_logged = true;
                     tracing::warn!(
                         "no connection to the broker at {}: {reason}; alarms wait in the spool {} and go out in order once it is back",
-                        self.settings.mqtt.url,
+                        redact_credentials(&self.settings.mqtt.url),
                         self.settings.spool.dir.display()
                     );
                 } else {
