@@ -85,7 +85,10 @@ fn score(
         }
         let run_n = engine.fixed_batch().unwrap_or(n).max(n);
         input.resize(run_n * 3 * spec.height * spec.width, 0.0);
-        let o = CrasOutputs::from_named(engine.run(&input, [run_n, 3, spec.height, spec.width])?)?;
+        let o = CrasOutputs::for_batch(
+            engine.run(&input, [run_n, 3, spec.height, spec.width])?,
+            run_n,
+        )?;
         for i in 0..n {
             s.image.push(o.image_scores[i]);
             s.pixels.extend_from_slice(o.map(i));

@@ -62,14 +62,22 @@ pub fn common_root(paths: &[PathBuf]) -> PathBuf {
 }
 
 /// Output path stem for `image` under `out`: its path relative to `root`, without the
-/// extension (`out/a/good/000`).
+/// extension (`out/a/good/000`). Only plain names are kept, so an input named with `..`
+/// can never put an output outside `out`.
 pub fn output_stem(out: &Path, root: &Path, image: &Path) -> PathBuf {
     let abs = std::path::absolute(image).unwrap_or_else(|_| image.to_path_buf());
     let rel = abs
         .strip_prefix(root)
         .map(Path::to_path_buf)
         .unwrap_or_else(|_| PathBuf::from(image.file_name().unwrap_or_default()));
-    out.join(rel.with_extension(""))
+    let mut inside: PathBuf = rel
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
+    if inside.as_os_str().is_empty() {
+        inside = PathBuf::from("image");
+    }
+    out.join(inside.with_extension(""))
 }
 
 fn with_suffix(stem: &Path, suffix: &str) -> PathBuf {
@@ -136,8 +144,10 @@ pub fn run(opts: &InferOptions) -> Result<usize> {
         let run_n = engine.fixed_batch().unwrap_or(n).max(n);
         tensors.resize(run_n * 3 * spec.height * spec.width, 0.0);
         let t0 = Instant::now();
-        let outs =
-            CrasOutputs::from_named(engine.run(&tensors, [run_n, 3, spec.height, spec.width])?)?;
+        let outs = CrasOutputs::for_batch(
+            engine.run(&tensors, [run_n, 3, spec.height, spec.width])?,
+            run_n,
+        )?;
         let engine_ms = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
         for (i, (path, crop, pre_ms)) in ok.iter().enumerate() {
             let class_id = outs.class_ids[i];
@@ -207,6 +217,23 @@ mod tests {
         assert_eq!(
             output_stem(out, &common_root(&single), &single[0]),
             PathBuf::from("/o/x")
+        );
+    }
+
+    #[test]
+    fn outputs_stay_inside_the_output_folder() {
+        let out = Path::new("/results");
+        let stem = output_stem(
+            out,
+            Path::new("/data"),
+            Path::new("/data/../../etc/passwd.png"),
+        );
+        assert!(stem.starts_with(out), "{}", stem.display());
+        assert!(
+            stem.components()
+                .all(|c| c != std::path::Component::ParentDir),
+            "{}",
+            stem.display()
         );
     }
 }

@@ -287,7 +287,7 @@ impl InferenceStage {
         let outs = self
             .engine
             .run(&input, [run_n, 3, spec.height, spec.width])
-            .and_then(CrasOutputs::from_named);
+            .and_then(|outs| CrasOutputs::for_batch(outs, n));
         let inference_ms = t0.elapsed().as_secs_f64() * 1e3;
         self.batch_input = input;
         let outs = match outs {

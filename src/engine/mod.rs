@@ -57,6 +57,8 @@ pub enum EngineError {
     NotBuilt(&'static str),
     #[error("model output `{0}` is missing or has the wrong type")]
     Output(String),
+    #[error("the model returned results for {got} images, {asked} asked")]
+    Batch { got: usize, asked: usize },
 }
 
 /// Runs one ONNX graph on batches.
@@ -140,7 +142,7 @@ impl CrasOutputs {
         if map.shape.len() != 4 || ps.shape.len() != 3 {
             return Err(EngineError::Output("anomaly_map".into()));
         }
-        Ok(CrasOutputs {
+        let o = CrasOutputs {
             batch: map.shape[0],
             anomaly_maps: map
                 .f32()
@@ -160,7 +162,41 @@ impl CrasOutputs {
                 .i64()
                 .ok_or_else(|| EngineError::Output("class_id".into()))?
                 .to_vec(),
-        })
+        };
+        o.check_sizes()?;
+        Ok(o)
+    }
+
+    /// The outputs of a run on `n` images: the graph must have answered for all of them.
+    pub fn for_batch(outs: Vec<NamedTensor>, n: usize) -> Result<CrasOutputs, EngineError> {
+        let o = CrasOutputs::from_named(outs)?;
+        if o.batch < n {
+            return Err(EngineError::Batch {
+                got: o.batch,
+                asked: n,
+            });
+        }
+        Ok(o)
+    }
+
+    /// Every output holds `batch` images of its declared size, so [`CrasOutputs::map`]
+    /// and [`CrasOutputs::patches`] never index past the data.
+    fn check_sizes(&self) -> Result<(), EngineError> {
+        let per = |(h, w): (usize, usize)| h.checked_mul(w).and_then(|v| v.checked_mul(self.batch));
+        let bad = |name: &str| Err(EngineError::Output(format!("{name} (its size)")));
+        if per(self.map_hw) != Some(self.anomaly_maps.len()) {
+            return bad("anomaly_map");
+        }
+        if per(self.patch_hw) != Some(self.patch_scores.len()) {
+            return bad("patch_scores");
+        }
+        if self.image_scores.len() != self.batch {
+            return bad("image_score");
+        }
+        if self.class_ids.len() != self.batch {
+            return bad("class_id");
+        }
+        Ok(())
     }
 
     pub fn map(&self, i: usize) -> &[f32] {

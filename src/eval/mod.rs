@@ -102,7 +102,10 @@ fn score_class(
         let n = items.len();
         let run_n = engine.fixed_batch().unwrap_or(n).max(n);
         input.resize(run_n * 3 * spec.height * spec.width, 0.0);
-        let o = CrasOutputs::from_named(engine.run(&input, [run_n, 3, spec.height, spec.width])?)?;
+        let o = CrasOutputs::for_batch(
+            engine.run(&input, [run_n, 3, spec.height, spec.width])?,
+            run_n,
+        )?;
         for (i, item) in items.into_iter().enumerate() {
             let mask = match &item.mask {
                 Some(p) => Some(crate::dataset::load_mask(p, spec)?),
