@@ -19,7 +19,7 @@
 //! on the same test images is then optimistic.
 
 use crate::dataset::ClassData;
-use crate::engine::{CrasOutputs, EngineKind, EngineOptions};
+use crate::engine::{EngineKind, EngineOptions};
 use crate::model::bundle::{Bundle, ClassThresholds};
 use crate::preprocess;
 use crate::tool_error::{Result, ToolError};
@@ -83,12 +83,7 @@ fn score(
         if n == 0 {
             continue;
         }
-        let run_n = engine.fixed_batch().unwrap_or(n).max(n);
-        input.resize(run_n * 3 * spec.height * spec.width, 0.0);
-        let o = CrasOutputs::for_batch(
-            engine.run(&input, [run_n, 3, spec.height, spec.width])?,
-            run_n,
-        )?;
+        let o = crate::engine::run_images(engine, &mut input, n, (spec.height, spec.width))?;
         for i in 0..n {
             s.image.push(o.image_scores[i]);
             s.pixels.extend_from_slice(o.map(i));

@@ -1,7 +1,7 @@
 //! `cras infer`: runs a bundle on image files, one JSON line per image on stdout, and
 //! optionally writes each anomaly map (`.map.npy`) and a heat-map overlay (`.overlay.png`).
 
-use crate::engine::{CrasOutputs, Engine, EngineKind, EngineOptions};
+use crate::engine::{Engine, EngineKind, EngineOptions};
 use crate::model::bundle::Bundle;
 use crate::overlay;
 use crate::path_error::PathError;
@@ -139,15 +139,9 @@ pub fn run(opts: &InferOptions) -> Result<usize> {
             continue;
         }
         let n = ok.len();
-        // An engine with a fixed batch (tract) gets the last, short chunk padded with
-        // zero images whose results are ignored.
-        let run_n = engine.fixed_batch().unwrap_or(n).max(n);
-        tensors.resize(run_n * 3 * spec.height * spec.width, 0.0);
         let t0 = Instant::now();
-        let outs = CrasOutputs::for_batch(
-            engine.run(&tensors, [run_n, 3, spec.height, spec.width])?,
-            run_n,
-        )?;
+        let outs =
+            crate::engine::run_images(engine.as_mut(), &mut tensors, n, (spec.height, spec.width))?;
         let engine_ms = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
         for (i, (path, crop, pre_ms)) in ok.iter().enumerate() {
             let class_id = outs.class_ids[i];

@@ -114,6 +114,20 @@ impl EngineKind {
     }
 }
 
+/// Runs `n` prepared images (`input` holds n x [3, `h`, `w`]) through a CRAS graph; an
+/// engine with a fixed batch (tract) gets the batch padded with zero images, whose results
+/// are ignored.
+pub fn run_images(
+    engine: &mut dyn Engine,
+    input: &mut Vec<f32>,
+    n: usize,
+    (h, w): (usize, usize),
+) -> Result<CrasOutputs, EngineError> {
+    let run_n = engine.fixed_batch().unwrap_or(n).max(n);
+    input.resize(run_n * 3 * h * w, 0.0);
+    CrasOutputs::for_batch(engine.run(input, [run_n, 3, h, w])?, n)
+}
+
 /// The four outputs of a CRAS graph for one batch.
 #[derive(Debug, Clone)]
 pub struct CrasOutputs {

@@ -10,7 +10,7 @@
 mod report;
 
 use crate::dataset::{ClassData, TestImage};
-use crate::engine::{CrasOutputs, EngineKind, EngineOptions};
+use crate::engine::{EngineKind, EngineOptions};
 use crate::metrics;
 use crate::model::bundle::Bundle;
 use crate::path_error::PathError;
@@ -100,12 +100,7 @@ fn score_class(
             continue;
         }
         let n = items.len();
-        let run_n = engine.fixed_batch().unwrap_or(n).max(n);
-        input.resize(run_n * 3 * spec.height * spec.width, 0.0);
-        let o = CrasOutputs::for_batch(
-            engine.run(&input, [run_n, 3, spec.height, spec.width])?,
-            run_n,
-        )?;
+        let o = crate::engine::run_images(engine, &mut input, n, (spec.height, spec.width))?;
         for (i, item) in items.into_iter().enumerate() {
             let mask = match &item.mask {
                 Some(p) => Some(crate::dataset::load_mask(p, spec)?),
