@@ -62,6 +62,8 @@ pub enum DaemonError {
     Http(#[from] http::HttpError),
     #[error(transparent)]
     Publish(#[from] publish::PublishError),
+    #[error("the {0} stage stopped unexpectedly; exiting so that the service is restarted")]
+    StageStopped(&'static str),
 }
 
 type Result<T> = std::result::Result<T, DaemonError>;
@@ -218,8 +220,21 @@ impl Topology {
         })
     }
 
+    /// The stage whose thread has ended, if any: while the daemon runs, inference and
+    /// judging only end by panicking.
+    pub fn stopped_stage(&self) -> Option<telemetry::Stage> {
+        let ended = |t: &Option<JoinHandle<()>>| t.as_ref().is_none_or(|t| t.is_finished());
+        if ended(&self.inference) {
+            Some(telemetry::Stage::Inference)
+        } else if ended(&self.judging) {
+            Some(telemetry::Stage::Judging)
+        } else {
+            None
+        }
+    }
+
     /// Stops capture, then lets inference and judging finish the frames already taken.
-    pub fn stop(mut self) {
+    pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         // A source stuck in teardown (a dead network camera) must not hold up the stop:
         // its thread is left behind, and its frames are not waited for.
@@ -306,6 +321,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     let stall_after = watchdog.map(|w| w.as_secs_f64() / 2.0).unwrap_or(30.0);
     let mut next_pet = Instant::now();
     let mut stalled_logged = false;
+    let mut died = None;
     loop {
         let mut stop = false;
         let mut reload = false;
@@ -324,39 +340,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
                 NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
             ]);
             tracing::info!("SIGHUP: reloading {}", opts.config.display());
-            match prepare(opts) {
-                Err(e) => {
-                    let why = format!("{e:#}");
-                    tracing::error!("reload rejected, the running configuration stays: {why}");
-                    telemetry.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut l) = telemetry.last_reload_error.lock() {
-                        *l = Some(why);
-                    }
-                    telemetry.changed.store(true, Ordering::Relaxed);
-                }
-                Ok(p) => {
-                    topology.stop();
-                    if publisher.settings.differs(&p.publisher) {
-                        tracing::info!("MQTT or spool settings changed: reconnecting");
-                        publisher.stop(opts.flush);
-                        publisher = Publisher::start(p.publisher.clone(), telemetry.clone())?;
-                    }
-                    if p.valid.config.http.listen != listen {
-                        tracing::warn!(
-                            "http.listen changed to {}; it takes effect at the next start",
-                            p.valid.config.http.listen
-                        );
-                    }
-                    log_start(&p);
-                    topology = Topology::start(p, publisher.sender(), &telemetry)?;
-                    telemetry.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut l) = telemetry.last_reload_error.lock() {
-                        *l = None;
-                    }
-                    telemetry.changed.store(true, Ordering::Relaxed);
-                    tracing::info!("reload applied");
-                }
-            }
+            apply_reload(opts, &mut topology, &mut publisher, &telemetry, &listen)?;
             notify(&[
                 NotifyState::Ready,
                 NotifyState::Status(&status_line(&telemetry)),
@@ -377,6 +361,15 @@ pub fn run(opts: &RunOptions) -> Result<()> {
                 );
             }
         }
+        if let Some(stage) = topology
+            .stopped_stage()
+            .or_else(|| publisher.has_stopped().then_some(telemetry::Stage::Publish))
+        {
+            telemetry.stage_stopped(stage);
+            tracing::error!("the {} stage stopped unexpectedly", stage.name());
+            died = Some(stage);
+            break;
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     tracing::info!("stopping: capture off, finishing frames in flight, flushing alarms");
@@ -385,6 +378,56 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     publisher.stop(opts.flush);
     drop(http);
     tracing::info!("stopped");
+    // A stage that died ends the process with an error, so that the service manager
+    // restarts it (Restart=on-failure); the spool keeps every alarm across the restart.
+    match died {
+        Some(stage) => Err(DaemonError::StageStopped(stage.name())),
+        None => Ok(()),
+    }
+}
+
+/// SIGHUP: the new configuration and model are checked and loaded first; a rejected one
+/// leaves the running one in place (the reason is logged and reported in `health`).
+fn apply_reload(
+    opts: &RunOptions,
+    topology: &mut Topology,
+    publisher: &mut Publisher,
+    telemetry: &Arc<Telemetry>,
+    listen: &str,
+) -> Result<()> {
+    let p = match prepare(opts) {
+        Ok(p) => p,
+        Err(e) => {
+            let why = format!("{e:#}");
+            tracing::error!("reload rejected, the running configuration stays: {why}");
+            telemetry.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut l) = telemetry.last_reload_error.lock() {
+                *l = Some(why);
+            }
+            telemetry.changed.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+    };
+    topology.stop();
+    if publisher.settings.differs(&p.publisher) {
+        tracing::info!("MQTT or spool settings changed: reconnecting");
+        publisher.stop(opts.flush);
+        *publisher = Publisher::start(p.publisher.clone(), telemetry.clone())?;
+    }
+    if p.valid.config.http.listen != listen {
+        tracing::warn!(
+            "http.listen changed to {}; it takes effect at the next start",
+            p.valid.config.http.listen
+        );
+    }
+    log_start(&p);
+    *topology = Topology::start(p, publisher.sender(), telemetry)?;
+    telemetry.reloads_ok.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut l) = telemetry.last_reload_error.lock() {
+        *l = None;
+    }
+    telemetry.changed.store(true, Ordering::Relaxed);
+    tracing::info!("reload applied");
     Ok(())
 }
 

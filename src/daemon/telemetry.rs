@@ -198,6 +198,8 @@ pub struct Telemetry {
     /// Something the health message reports changed (camera state, reload).
     pub changed: AtomicBool,
     heartbeats: [AtomicU64; Stage::ALL.len()],
+    /// Stages whose thread ended while the daemon runs (a panic, an unexpected return).
+    stopped: [AtomicBool; Stage::ALL.len()],
 }
 
 impl Default for Telemetry {
@@ -229,6 +231,7 @@ impl Telemetry {
             last_reload_error: Mutex::new(None),
             changed: AtomicBool::new(false),
             heartbeats: Default::default(),
+            stopped: Default::default(),
         }
     }
 
@@ -278,13 +281,25 @@ impl Telemetry {
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// The stage whose loop turned least recently, and how many seconds ago.
+    /// `stage`'s thread ended while the daemon runs: the daemon is unhealthy and the
+    /// stage counts as stalled for ever, so the watchdog is no longer petted.
+    pub fn stage_stopped(&self, stage: Stage) {
+        if !self.stopped[stage as usize].swap(true, Ordering::Relaxed) {
+            self.changed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The stage whose loop turned least recently, and how many seconds ago (infinite
+    /// for a stage that stopped).
     pub fn stalest(&self) -> (Stage, f64) {
         let now = self.started.elapsed().as_millis() as u64;
         Stage::ALL
             .iter()
             .zip(&self.heartbeats)
             .map(|(s, b)| {
+                if self.stopped[*s as usize].load(Ordering::Relaxed) {
+                    return (*s, f64::INFINITY);
+                }
                 (
                     *s,
                     now.saturating_sub(b.load(Ordering::Relaxed)) as f64 / 1e3,
@@ -301,6 +316,11 @@ impl Telemetry {
         let mut why = Vec::new();
         if !self.model_loaded.load(Ordering::Relaxed) {
             why.push("model not loaded".to_string());
+        }
+        for s in Stage::ALL {
+            if self.stopped[s as usize].load(Ordering::Relaxed) {
+                why.push(format!("the {} stage stopped", s.name()));
+            }
         }
         for c in self.cameras() {
             match c.state() {
@@ -339,6 +359,23 @@ mod tests {
         assert!(age >= 0.05, "{age}");
         t.beat(Stage::Judging);
         assert!(t.stalest().1 < 0.05);
+    }
+
+    #[test]
+    fn a_stopped_stage_is_unhealthy_and_stops_the_watchdog() {
+        let t = Telemetry::new();
+        t.model_loaded.store(true, Ordering::Relaxed);
+        for s in Stage::ALL {
+            t.beat(s);
+        }
+        assert!(t.unhealthy_reasons().is_empty());
+        assert!(t.stalest().1 < 1.0);
+        t.stage_stopped(Stage::Judging);
+        assert_eq!(t.unhealthy_reasons(), vec!["the judging stage stopped"]);
+        t.beat(Stage::Judging);
+        let (stage, age) = t.stalest();
+        assert_eq!((stage, age), (Stage::Judging, f64::INFINITY));
+        assert!(t.changed.load(Ordering::Relaxed));
     }
 
     #[test]

@@ -134,6 +134,12 @@ impl Publisher {
         })
     }
 
+    /// Whether the publisher thread ended (it only ends on [`Publisher::stop`], unless it
+    /// panicked).
+    pub fn has_stopped(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
     /// Where judged frames go.
     pub fn sender(&self) -> Sender<Judged> {
         self.input
@@ -143,7 +149,7 @@ impl Publisher {
 
     /// Stops after the stages feeding it are gone: delivers what the spool holds for up
     /// to `flush`, publishes "offline", disconnects. Undelivered alarms stay on disk.
-    pub fn stop(mut self, flush: Duration) {
+    pub fn stop(&mut self, flush: Duration) {
         if let Ok(mut f) = self.flush_until.lock() {
             *f = Some(Instant::now() + flush);
         }
