@@ -97,10 +97,7 @@ impl StateDict {
     /// Reads `.pth`/`.pt` (PyTorch zip or legacy), `.safetensors` or `.npy` (one tensor,
     /// keyed by the file stem), chosen by content rather than by extension.
     pub fn load(path: &Path) -> Result<StateDict, WeightsError> {
-        let bytes = std::fs::read(path).map_err(|source| WeightsError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = read_bounded(path)?;
         let fmt_err = |reason: Malformed| WeightsError::Format {
             path: path.to_path_buf(),
             reason: reason.0,
@@ -190,6 +187,32 @@ impl StateDict {
             source: self.source.clone(),
         }
     }
+}
+
+/// The largest weights file read (the biggest backbone cras knows is ~0.5 GB).
+const MAX_FILE_BYTES: u64 = 4 << 30;
+
+/// Reads a whole weights file, refusing one larger than [`MAX_FILE_BYTES`] (a device,
+/// or a file that keeps growing, included).
+fn read_bounded(path: &Path) -> Result<Vec<u8>, WeightsError> {
+    use std::io::Read;
+    let io = |source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(WeightsError::Format {
+            path: path.to_path_buf(),
+            reason: format!(
+                "larger than {MAX_FILE_BYTES} bytes, more than any weights file cras reads"
+            ),
+        });
+    }
+    Ok(bytes)
 }
 
 fn load_safetensors(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>, String> {

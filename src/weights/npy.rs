@@ -5,6 +5,10 @@ use super::{Malformed, Tensor, TensorData};
 use std::io::Write;
 use std::path::Path;
 
+/// The most dimensions an array may have (NumPy's own limit is 64; cras reads maps,
+/// centers and weights of at most 4).
+const MAX_DIMS: usize = 32;
+
 pub fn f16_to_f32(h: u16) -> f32 {
     let sign = ((h >> 15) as u32) << 31;
     let exp = ((h >> 10) & 0x1f) as u32;
@@ -74,16 +78,27 @@ pub fn read(bytes: &[u8]) -> Result<Tensor, Malformed> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<usize>().map_err(|_| "bad shape in .npy header"))
         .collect::<Result<_, _>>()?;
-    let n: usize = shape.iter().product();
+    if shape.len() > MAX_DIMS {
+        return Err(Malformed(format!(
+            ".npy array has {} dimensions, more than {MAX_DIMS}",
+            shape.len()
+        )));
+    }
+    let n = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or("the .npy shape's element count overflows")?;
     let body = &bytes[hstart + hlen..];
+    // Every element read is in the file: nothing is allocated for data that is not there.
     let need = |es: usize| -> Result<&[u8], Malformed> {
-        body.get(..n * es).ok_or_else(|| {
-            Malformed(format!(
-                "truncated .npy data: {} of {} bytes",
-                body.len(),
-                n * es
-            ))
-        })
+        n.checked_mul(es)
+            .and_then(|len| body.get(..len))
+            .ok_or_else(|| {
+                Malformed(format!(
+                    "truncated .npy data: {} bytes for {n} elements of {es}",
+                    body.len()
+                ))
+            })
     };
     let data = match descr {
         "<f4" => TensorData::F32(
@@ -207,6 +222,35 @@ mod tests {
         assert_eq!(f16_to_f32(0x3555), 0.33325195);
         assert_eq!(f16_to_f32(0x0001), 5.9604645e-8);
         assert_eq!(f16_to_f32(0x7bff), 65504.0);
+    }
+
+    fn header(shape: &str) -> Vec<u8> {
+        let h = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}\n");
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend_from_slice(&(h.len() as u16).to_le_bytes());
+        b.extend_from_slice(h.as_bytes());
+        b
+    }
+
+    #[test]
+    fn shapes_that_overflow_or_overreach_are_errors() {
+        let e = read(&header("(4294967296, 4294967296, 4294967296)"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("overflows"), "{e}");
+        // 2^62 elements of 4 bytes: the byte count overflows, not just the count.
+        let e = read(&header("(4611686018427387904,)")).unwrap_err().0;
+        assert!(e.contains("truncated .npy data: 0 bytes"), "{e}");
+        let mut b = header("(1000000, 1000000)");
+        b.extend_from_slice(&[0u8; 16]);
+        let e = read(&b).unwrap_err().0;
+        assert!(e.contains("truncated .npy data: 16 bytes"), "{e}");
+        let e = read(&header(&format!("({})", vec!["1"; 40].join(", "))))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("40 dimensions"), "{e}");
+        let e = read(&header("(-3,)")).unwrap_err().0;
+        assert!(e.contains("bad shape"), "{e}");
     }
 
     #[test]

@@ -3,8 +3,24 @@
 //!
 //! Nothing is executed: `GLOBAL`/`REDUCE` build inert [`Value::Call`] records that the
 //! PyTorch layer above interprets for the few callables it knows.
+//!
+//! Hostile files: every object lives in one arena ([`Pickle`]) and containers hold
+//! [`Id`]s into it, so the memo, `DUP` and a memo get share an object as Python does
+//! instead of copying it (a "memo bomb" costs one index per reference); nothing here
+//! recurses, so no nesting depth can overflow the stack; the number of objects is capped
+//! at [`MAX_OBJECTS`]. Every object costs at least one byte of input, so memory stays
+//! proportional to the file.
 
 use std::collections::HashMap;
+
+/// The most objects one pickle may create. A checkpoint of the largest backbone cras
+/// knows holds a few thousand; the cap only stops crafted files.
+pub const MAX_OBJECTS: usize = 1 << 22;
+
+/// An object in a [`Pickle`]'s arena. Only the interpreter makes them, so every `Id` a
+/// `Pickle` hands out is valid for that pickle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Id(u32);
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -14,37 +30,66 @@ pub enum Value {
     Float(f64),
     Str(String),
     Bytes(Vec<u8>),
-    Tuple(Vec<Value>),
-    List(Vec<Value>),
+    Tuple(Vec<Id>),
+    List(Vec<Id>),
     /// Insertion-ordered key/value pairs (dict and OrderedDict alike).
-    Dict(Vec<(Value, Value)>),
+    Dict(Vec<(Id, Id)>),
     /// `module.name` reference produced by GLOBAL / STACK_GLOBAL.
     Global(String, String),
-    /// `callable(*args)` produced by REDUCE / NEWOBJ, with BUILD state if any and the
-    /// key/value pairs SETITEM(S) added (how an OrderedDict carries its entries).
-    Call {
-        func: Box<Value>,
-        args: Vec<Value>,
-        state: Option<Box<Value>>,
-        items: Vec<(Value, Value)>,
-    },
+    /// `callable(*args)` produced by REDUCE / NEWOBJ.
+    Call(Box<Call>),
     /// A persistent id (BINPERSID): how torch refers to tensor storages.
-    Persistent(Box<Value>),
+    Persistent(Id),
     /// An integer wider than 64 bits (little-endian two's complement bytes).
     BigInt(Vec<u8>),
 }
 
-impl Value {
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
+/// A REDUCE / NEWOBJ record, with the BUILD state if any and the key/value pairs
+/// SETITEM(S) added (how an OrderedDict carries its entries).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    pub func: Id,
+    /// The argument tuple.
+    pub args: Id,
+    pub state: Option<Id>,
+    pub items: Vec<(Id, Id)>,
+}
+
+/// One parsed pickle: its objects and the one it returned.
+#[derive(Debug)]
+pub struct Pickle {
+    objects: Vec<Value>,
+    root: Id,
+}
+
+impl Pickle {
+    pub fn root(&self) -> Id {
+        self.root
+    }
+    pub fn get(&self, id: Id) -> &Value {
+        // Ids are only made by `Machine::alloc`, as indices into this very arena.
+        &self.objects[id.0 as usize]
+    }
+    /// Every object the pickle made, in creation order.
+    pub fn objects(&self) -> &[Value] {
+        &self.objects
+    }
+    pub fn str(&self, id: Id) -> Option<&str> {
+        match self.get(id) {
             Value::Str(s) => Some(s),
             _ => None,
         }
     }
-    pub fn as_int(&self) -> Option<i64> {
-        match self {
+    pub fn int(&self, id: Id) -> Option<i64> {
+        match self.get(id) {
             Value::Int(i) => Some(*i),
             Value::Bool(b) => Some(*b as i64),
+            _ => None,
+        }
+    }
+    pub fn tuple(&self, id: Id) -> Option<&[Id]> {
+        match self.get(id) {
+            Value::Tuple(items) => Some(items),
             _ => None,
         }
     }
@@ -58,74 +103,97 @@ pub enum PickleError {
     UnsupportedOpcode(u8, usize),
     #[error("malformed pickle at byte {0}: {1}")]
     Malformed(usize, &'static str),
+    #[error("pickle creates more than {MAX_OBJECTS} objects (a crafted file?)")]
+    TooManyObjects,
 }
 
 struct Machine<'a> {
     data: &'a [u8],
     pos: usize,
-    stack: Vec<Value>,
+    objects: Vec<Value>,
+    stack: Vec<Id>,
     marks: Vec<usize>,
-    memo: HashMap<u64, Value>,
+    memo: HashMap<u64, Id>,
 }
 
-/// Parses one pickle starting at `data[0]`; returns the value and the number of bytes used.
-pub fn load(data: &[u8]) -> Result<(Value, usize), PickleError> {
+/// Parses one pickle starting at `data[0]`; returns it and the number of bytes used.
+pub fn load(data: &[u8]) -> Result<(Pickle, usize), PickleError> {
     let mut m = Machine {
         data,
         pos: 0,
+        objects: Vec::new(),
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
     };
-    let v = m.run()?;
-    Ok((v, m.pos))
+    let root = m.run()?;
+    let used = m.pos;
+    Ok((
+        Pickle {
+            objects: m.objects,
+            root,
+        },
+        used,
+    ))
 }
 
 impl<'a> Machine<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], PickleError> {
         let end = self.pos.checked_add(n).ok_or(PickleError::Truncated)?;
-        if end > self.data.len() {
-            return Err(PickleError::Truncated);
-        }
-        let s = &self.data[self.pos..end];
+        let s = self.data.get(self.pos..end).ok_or(PickleError::Truncated)?;
         self.pos = end;
         Ok(s)
     }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], PickleError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
     fn u8(&mut self) -> Result<u8, PickleError> {
-        Ok(self.take(1)?[0])
+        Ok(self.array::<1>()?[0])
     }
     fn u16(&mut self) -> Result<u16, PickleError> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
+        Ok(u16::from_le_bytes(self.array()?))
     }
     fn u32(&mut self) -> Result<u32, PickleError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        Ok(u32::from_le_bytes(self.array()?))
     }
     fn u64(&mut self) -> Result<u64, PickleError> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_le_bytes(a))
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    /// A 64-bit length prefix as a byte count (checked against the data by `take`).
+    fn len(n: u64) -> Result<usize, PickleError> {
+        usize::try_from(n).map_err(|_| PickleError::Truncated)
     }
     fn line(&mut self) -> Result<String, PickleError> {
-        let start = self.pos;
-        while self.pos < self.data.len() && self.data[self.pos] != b'\n' {
-            self.pos += 1;
-        }
-        if self.pos >= self.data.len() {
-            return Err(PickleError::Truncated);
-        }
-        let s = String::from_utf8_lossy(&self.data[start..self.pos]).into_owned();
-        self.pos += 1;
+        let rest = self.data.get(self.pos..).unwrap_or_default();
+        let n = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or(PickleError::Truncated)?;
+        let s = String::from_utf8_lossy(&rest[..n]).into_owned();
+        self.pos += n + 1;
         Ok(s)
     }
-    fn pop(&mut self) -> Result<Value, PickleError> {
+    fn alloc(&mut self, v: Value) -> Result<Id, PickleError> {
+        if self.objects.len() >= MAX_OBJECTS {
+            return Err(PickleError::TooManyObjects);
+        }
+        let id = Id(self.objects.len() as u32);
+        self.objects.push(v);
+        Ok(id)
+    }
+    fn push(&mut self, v: Value) -> Result<(), PickleError> {
+        let id = self.alloc(v)?;
+        self.stack.push(id);
+        Ok(())
+    }
+    fn pop(&mut self) -> Result<Id, PickleError> {
         self.stack
             .pop()
             .ok_or(PickleError::Malformed(self.pos, "stack underflow"))
     }
-    fn pop_mark(&mut self) -> Result<Vec<Value>, PickleError> {
+    fn pop_mark(&mut self) -> Result<Vec<Id>, PickleError> {
         let mark = self
             .marks
             .pop()
@@ -135,50 +203,60 @@ impl<'a> Machine<'a> {
         }
         Ok(self.stack.split_off(mark))
     }
-    fn top(&mut self) -> Result<&mut Value, PickleError> {
-        let pos = self.pos;
+    fn top(&self) -> Result<Id, PickleError> {
         self.stack
-            .last_mut()
-            .ok_or(PickleError::Malformed(pos, "stack underflow"))
+            .last()
+            .copied()
+            .ok_or(PickleError::Malformed(self.pos, "stack underflow"))
+    }
+    /// The object on top of the stack, to be changed in place (seen through the memo too).
+    fn top_mut(&mut self) -> Result<&mut Value, PickleError> {
+        let id = self.top()?;
+        Ok(&mut self.objects[id.0 as usize])
     }
     fn string(&mut self, n: usize) -> Result<Value, PickleError> {
         let b = self.take(n)?;
         Ok(Value::Str(String::from_utf8_lossy(b).into_owned()))
     }
+    fn bytes(&mut self, n: usize) -> Result<Value, PickleError> {
+        Ok(Value::Bytes(self.take(n)?.to_vec()))
+    }
     fn memo_get(&mut self, k: u64) -> Result<(), PickleError> {
-        let v = self
+        let id = *self
             .memo
             .get(&k)
-            .cloned()
             .ok_or(PickleError::Malformed(self.pos, "memo key missing"))?;
-        self.stack.push(v);
+        self.stack.push(id);
         Ok(())
     }
     fn memo_put(&mut self, k: u64) -> Result<(), PickleError> {
-        let v = self.top()?.clone();
-        self.memo.insert(k, v);
+        let id = self.top()?;
+        self.memo.insert(k, id);
         Ok(())
     }
-    fn set_items(&mut self, items: Vec<Value>) -> Result<(), PickleError> {
+    fn set_items(&mut self, items: Vec<Id>) -> Result<(), PickleError> {
         if !items.len().is_multiple_of(2) {
             return Err(PickleError::Malformed(self.pos, "odd SETITEMS"));
         }
         let pos = self.pos;
-        let target = self.top()?;
-        let dict = match target {
+        let dict = match self.top_mut()? {
             Value::Dict(d) => d,
             // OrderedDict() is a REDUCE of the OrderedDict global: it behaves like a dict.
-            Value::Call { items, .. } => items,
+            Value::Call(call) => &mut call.items,
             _ => return Err(PickleError::Malformed(pos, "SETITEMS on non-dict")),
         };
-        let mut it = items.into_iter();
-        while let (Some(k), Some(v)) = (it.next(), it.next()) {
-            dict.push((k, v));
-        }
+        dict.extend(items.chunks_exact(2).map(|kv| (kv[0], kv[1])));
         Ok(())
     }
+    fn tuple(&mut self, n: usize) -> Result<(), PickleError> {
+        if self.stack.len() < n {
+            return Err(PickleError::Malformed(self.pos, "stack underflow"));
+        }
+        let items = self.stack.split_off(self.stack.len() - n);
+        self.push(Value::Tuple(items))
+    }
 
-    fn run(&mut self) -> Result<Value, PickleError> {
+    fn run(&mut self) -> Result<Id, PickleError> {
         loop {
             let at = self.pos;
             let op = self.u8()?;
@@ -192,7 +270,7 @@ impl<'a> Machine<'a> {
                 b'.' => return self.pop(),
                 b'(' => self.marks.push(self.stack.len()),
                 _ => match self.literal(op)? {
-                    Some(v) => self.stack.push(v),
+                    Some(v) => self.push(v)?,
                     None => self.structure(op, at)?,
                 },
             }
@@ -225,14 +303,10 @@ impl<'a> Machine<'a> {
                 }
                 Value::Int(v)
             }
-            b'G' => {
-                let b = self.take(8)?;
-                let mut a = [0u8; 8];
-                a.copy_from_slice(b);
-                Value::Float(f64::from_be_bytes(a))
-            }
+            b'G' => Value::Float(f64::from_be_bytes(self.array()?)),
             b'X' | b'T' => {
-                let n = self.u32()? as usize;
+                let n = self.u32()? as u64;
+                let n = Self::len(n)?;
                 self.string(n)?
             }
             0x8c | b'U' => {
@@ -240,18 +314,18 @@ impl<'a> Machine<'a> {
                 self.string(n)?
             }
             0x8d => {
-                let n = self.u64()? as usize;
+                let n = self.u64()?;
+                let n = Self::len(n)?;
                 self.string(n)?
             }
             b'C' => {
                 let n = self.u8()? as usize;
-                let b = self.take(n)?.to_vec();
-                Value::Bytes(b)
+                self.bytes(n)?
             }
             b'B' => {
-                let n = self.u32()? as usize;
-                let b = self.take(n)?.to_vec();
-                Value::Bytes(b)
+                let n = self.u32()? as u64;
+                let n = Self::len(n)?;
+                self.bytes(n)?
             }
             b'}' => Value::Dict(Vec::new()),
             b']' => Value::List(Vec::new()),
@@ -266,23 +340,11 @@ impl<'a> Machine<'a> {
         match op {
             b't' => {
                 let items = self.pop_mark()?;
-                self.stack.push(Value::Tuple(items))
+                self.push(Value::Tuple(items))?
             }
-            0x85 => {
-                let a = self.pop()?;
-                self.stack.push(Value::Tuple(vec![a]))
-            }
-            0x86 => {
-                let b = self.pop()?;
-                let a = self.pop()?;
-                self.stack.push(Value::Tuple(vec![a, b]))
-            }
-            0x87 => {
-                let c = self.pop()?;
-                let b = self.pop()?;
-                let a = self.pop()?;
-                self.stack.push(Value::Tuple(vec![a, b, c]))
-            }
+            0x85 => self.tuple(1)?,
+            0x86 => self.tuple(2)?,
+            0x87 => self.tuple(3)?,
             b'q' => {
                 let k = self.u8()? as u64;
                 self.memo_put(k)?
@@ -306,40 +368,43 @@ impl<'a> Machine<'a> {
             b'c' => {
                 let module = self.line()?;
                 let name = self.line()?;
-                self.stack.push(Value::Global(module, name))
+                self.push(Value::Global(module, name))?
             }
             0x93 => {
                 let name = self.pop()?;
                 let module = self.pop()?;
-                match (module, name) {
-                    (Value::Str(m), Value::Str(n)) => self.stack.push(Value::Global(m, n)),
+                let global = match (
+                    &self.objects[module.0 as usize],
+                    &self.objects[name.0 as usize],
+                ) {
+                    (Value::Str(m), Value::Str(n)) => Value::Global(m.clone(), n.clone()),
                     _ => return Err(PickleError::Malformed(at, "STACK_GLOBAL needs strings")),
-                }
+                };
+                self.push(global)?
             }
             b'R' | 0x81 => {
                 let args = self.pop()?;
                 let func = self.pop()?;
-                let args = match args {
-                    Value::Tuple(a) => a,
-                    _ => return Err(PickleError::Malformed(at, "REDUCE args not a tuple")),
-                };
-                self.stack.push(Value::Call {
-                    func: Box::new(func),
+                if !matches!(self.objects[args.0 as usize], Value::Tuple(_)) {
+                    return Err(PickleError::Malformed(at, "REDUCE args not a tuple"));
+                }
+                self.push(Value::Call(Box::new(Call {
+                    func,
                     args,
                     state: None,
                     items: Vec::new(),
-                })
+                })))?
             }
             b'b' => {
                 let st = self.pop()?;
-                match self.top()? {
-                    Value::Call { state, .. } => *state = Some(Box::new(st)),
-                    _ => { /* BUILD on plain containers carries no data torch needs */ }
+                if let Value::Call(call) = self.top_mut()? {
+                    call.state = Some(st);
                 }
+                // BUILD on plain containers carries no data torch needs.
             }
             b'Q' => {
                 let pid = self.pop()?;
-                self.stack.push(Value::Persistent(Box::new(pid)))
+                self.push(Value::Persistent(pid))?
             }
             b's' => {
                 let v = self.pop()?;
@@ -352,14 +417,14 @@ impl<'a> Machine<'a> {
             }
             b'a' => {
                 let v = self.pop()?;
-                match self.top()? {
+                match self.top_mut()? {
                     Value::List(l) => l.push(v),
                     _ => return Err(PickleError::Malformed(at, "APPEND on non-list")),
                 }
             }
             b'e' => {
                 let items = self.pop_mark()?;
-                match self.top()? {
+                match self.top_mut()? {
                     Value::List(l) => l.extend(items),
                     _ => return Err(PickleError::Malformed(at, "APPENDS on non-list")),
                 }
@@ -368,8 +433,8 @@ impl<'a> Machine<'a> {
                 self.pop()?;
             }
             b'2' => {
-                let v = self.top()?.clone();
-                self.stack.push(v)
+                let id = self.top()?;
+                self.stack.push(id)
             }
             _ => return Err(PickleError::UnsupportedOpcode(op, at)),
         }
@@ -378,30 +443,4 @@ impl<'a> Machine<'a> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_protocol2_dict_with_long_and_tuple() {
-        // pickle.dumps({'a': (1, -2, 70000), 'b': 2**40}, protocol=2)
-        let data: &[u8] = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01K\x01J\xfe\xff\xff\xffJp\x11\x01\x00\x87q\x02X\x01\x00\x00\x00bq\x03\x8a\x06\x00\x00\x00\x00\x00\x01u.";
-        let (v, used) = load(data).unwrap();
-        assert_eq!(used, data.len());
-        assert_eq!(
-            v,
-            Value::Dict(vec![
-                (
-                    Value::Str("a".into()),
-                    Value::Tuple(vec![Value::Int(1), Value::Int(-2), Value::Int(70000)])
-                ),
-                (Value::Str("b".into()), Value::Int(1 << 40)),
-            ])
-        );
-    }
-
-    #[test]
-    fn truncated_input_is_an_error() {
-        let data: &[u8] = b"\x80\x02}q\x00(X\x01\x00\x00";
-        assert!(matches!(load(data), Err(PickleError::Truncated)));
-    }
-}
+mod tests;
