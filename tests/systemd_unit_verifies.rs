@@ -23,6 +23,9 @@ fn unit_verifies_and_is_hardened() {
         "DevicePolicy=closed",
         "DeviceAllow=char-video4linux rw",
         "ExecReload=/bin/kill -HUP $MAINPID",
+        "LimitNOFILE=16384",
+        "TasksMax=1024",
+        "MemoryMax=3G",
     ] {
         assert!(unit.lines().any(|l| l == line), "unit lacks `{line}`");
     }

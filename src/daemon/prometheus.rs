@@ -136,7 +136,7 @@ fn latencies(o: &mut String, t: &Telemetry) {
 }
 
 /// Device-wide metrics (name, type, help), in the order of [`total_values`].
-const TOTALS: [(&str, &str, &str); 10] = [
+const TOTALS: [(&str, &str, &str); 12] = [
     ("alarms_total", "counter", "Alarms raised."),
     (
         "alarms_acknowledged_total",
@@ -175,6 +175,16 @@ const TOTALS: [(&str, &str, &str); 10] = [
         "counter",
         "Configuration reloads rejected.",
     ),
+    (
+        "http_refused_total",
+        "counter",
+        "HTTP connections closed at once: the server was at its connection limit.",
+    ),
+    (
+        "http_accept_errors_total",
+        "counter",
+        "HTTP accepts that failed (out of file descriptors or memory).",
+    ),
 ];
 
 fn total_values(t: &Telemetry) -> [u64; TOTALS.len()] {
@@ -190,6 +200,8 @@ fn total_values(t: &Telemetry) -> [u64; TOTALS.len()] {
         u64::from(t.broker_connected.load(Ordering::Relaxed)),
         ld(&t.reloads_ok),
         ld(&t.reloads_failed),
+        ld(&t.http_refused),
+        ld(&t.http_accept_errors),
     ]
 }
 

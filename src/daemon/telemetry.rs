@@ -195,6 +195,10 @@ pub struct Telemetry {
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
     pub last_reload_error: Mutex<Option<String>>,
+    /// HTTP connections closed on accept because the server was at its limit.
+    pub http_refused: AtomicU64,
+    /// Failed accepts (out of file descriptors or memory); the server retries.
+    pub http_accept_errors: AtomicU64,
     /// Something the health message reports changed (camera state, reload).
     pub changed: AtomicBool,
     heartbeats: [AtomicU64; Stage::ALL.len()],
@@ -229,6 +233,8 @@ impl Telemetry {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             last_reload_error: Mutex::new(None),
+            http_refused: AtomicU64::new(0),
+            http_accept_errors: AtomicU64::new(0),
             changed: AtomicBool::new(false),
             heartbeats: Default::default(),
             stopped: Default::default(),
