@@ -347,3 +347,28 @@ fn edited_model_fields_are_refused() {
     let (code, _, err) = infer();
     assert_eq!(code, 0, "{err}");
 }
+
+/// A bundle whose hashes agree but whose model.yaml sizes do not fit its graph (a tool
+/// that rewrote both, a hand-made bundle) is refused when it loads, naming the output.
+#[test]
+fn sizes_that_do_not_fit_the_graph_are_refused_at_load() {
+    use cras::model::bundle::Bundle;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = Bundle::read(&lite0_bundle(dir.path(), "bundle")).unwrap();
+    let mut meta = bundle.meta.clone();
+    meta.patch_grid = [meta.patch_grid[0] + 1, meta.patch_grid[1]];
+    let edited = dir.path().join("edited");
+    Bundle::write(&edited, meta, &bundle.onnx).unwrap();
+    let img = lite0_set().join("images/alpha/test/good/000.png");
+    let (code, _, err) = cras(&[
+        "infer",
+        "--model",
+        edited.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("the graph does not match model.yaml") && err.contains("`patch_scores`"),
+        "{err}"
+    );
+}

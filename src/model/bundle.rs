@@ -141,6 +141,8 @@ pub enum BundleError {
         found: String,
         expected: String,
     },
+    #[error("{path}: the graph does not match model.yaml: {reason}")]
+    GraphMismatch { path: PathBuf, reason: String },
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -246,6 +248,43 @@ impl BundleMeta {
     }
 }
 
+impl BundleMeta {
+    /// Checks the graph's declared sizes against these fields: the `image` input is
+    /// [N, 3, height, width], `anomaly_map` [N, 1, height, width] and `patch_scores`
+    /// [N, rows, columns]. Every frame is prepared from these fields, so a mismatch would
+    /// otherwise surface as an engine error on the first frame.
+    fn check_graph(&self, onnx: &[u8]) -> Result<(), String> {
+        let sig = crate::onnx::signature::read(onnx).map_err(|e| e.to_string())?;
+        let (h, w) = (self.input.height as i64, self.input.width as i64);
+        let [rows, cols] = self.patch_grid.map(|v| v as i64);
+        let expect = |port: Option<&crate::onnx::signature::Port>, name: &str, want: &[i64]| {
+            let port = port.ok_or_else(|| format!("it has no `{name}`"))?;
+            let found = &port.dims;
+            let fits = found.len() == want.len() + 1
+                && found[1..].iter().zip(want).all(|(f, w)| *f == Some(*w));
+            if fits {
+                Ok(())
+            } else {
+                let shown: Vec<String> = found
+                    .iter()
+                    .map(|d| d.map_or("N".to_string(), |v| v.to_string()))
+                    .collect();
+                Err(format!(
+                    "`{name}` is [{}], model.yaml says [N, {}]",
+                    shown.join(", "),
+                    want.iter()
+                        .map(i64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
+        };
+        expect(sig.input("image"), "image", &[3, h, w])?;
+        expect(sig.output("anomaly_map"), "anomaly_map", &[1, h, w])?;
+        expect(sig.output("patch_scores"), "patch_scores", &[rows, cols])
+    }
+}
+
 impl Bundle {
     /// Reads and validates a bundle directory.
     pub fn read(dir: &Path) -> Result<Bundle, BundleError> {
@@ -280,6 +319,11 @@ impl Bundle {
                 expected: meta.onnx_sha256.clone(),
             });
         }
+        meta.check_graph(&onnx)
+            .map_err(|reason| BundleError::GraphMismatch {
+                path: opath,
+                reason,
+            })?;
         Ok(Bundle {
             dir: dir.to_path_buf(),
             meta,

@@ -1,9 +1,11 @@
-//! Writing ONNX models: a minimal protobuf encoder for the ONNX schema (write only) and a
-//! graph builder with one helper per node family.
+//! Writing ONNX models: a minimal protobuf encoder for the ONNX schema and a graph
+//! builder with one helper per node family; [`signature`] reads a graph's inputs and
+//! outputs back.
 //!
 //! Only what our graphs need is encoded; field numbers follow `onnx/onnx.proto` (IR 8).
 
 mod proto;
+pub mod signature;
 
 use proto::Encoder;
 
