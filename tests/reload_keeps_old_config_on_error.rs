@@ -92,3 +92,57 @@ fn bad_reloads_are_rejected_and_good_ones_applied() {
     assert!(notes.contains("RELOADING=1"), "{notes}");
     assert!(notes.matches("READY=1").count() >= 4, "{notes}");
 }
+
+/// A new configuration that passes every check but cannot start (its spool holds a
+/// corrupt counter and no alarm to recover it from) is rejected after the old stages
+/// were stopped: the old configuration is started again and alarms keep arriving.
+#[test]
+fn a_reload_that_cannot_start_goes_back_to_the_old_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let rig = folder_rig(dir, 6, true, "");
+    let good = std::fs::read_to_string(&rig.config).unwrap();
+    let mut d = Daemon::start(&rig.config, &dir.join("cras.log"), &[]);
+    let processed = || frames_processed(rig.http, "cam1");
+    wait_for(90.0, "frames flowing", || processed() >= 3.0);
+
+    let broken = dir.join("broken-spool");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("next-sequence"), "garbage").unwrap();
+    let old_spool = dir.join("spool").display().to_string();
+    let moved = good.replace(&old_spool, &broken.display().to_string());
+    assert_ne!(moved, good);
+    std::fs::write(&rig.config, &moved).unwrap();
+    let pipelines = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines");
+    let (code, out, err) = common::cras(&[
+        "check-config",
+        rig.config.to_str().unwrap(),
+        "--pipelines",
+        pipelines,
+    ]);
+    assert_eq!(code, 0, "check-config should pass: {out}{err}");
+
+    signal(d.pid(), "HUP");
+    wait_for(30.0, "the reload to be rejected", || {
+        http_get(rig.http, "/metrics").and_then(|(_, m)| metric(&m, "cras_reloads_failed_total"))
+            == Some(1.0)
+    });
+    let log = d.log_text();
+    assert!(
+        log.contains("reload rejected, starting the previous configuration again")
+            && log.contains("next-sequence"),
+        "{log}"
+    );
+    // The old configuration runs again: frames, health and alarms.
+    let before = processed();
+    wait_for(30.0, "frames flowing again", || processed() >= before + 3.0);
+    wait_for(20.0, "healthy again", || {
+        http_get(rig.http, "/healthz").map(|(c, _)| c) == Some(200)
+    });
+    let alarms = rig.sub.on("/cam1/alarm").len();
+    wait_for(30.0, "alarms after the failed reload", || {
+        rig.sub.on("/cam1/alarm").len() > alarms
+    });
+    let (code, _) = d.stop_with("TERM", 30.0);
+    assert_eq!(code, Some(0), "{}", d.log_text());
+}

@@ -187,6 +187,7 @@ pub fn topic_safe(s: &str) -> bool {
 }
 
 /// A checked configuration with what validation loaded.
+#[derive(Clone)]
 pub struct ValidConfig {
     pub config: Config,
     pub bundle: Bundle,

@@ -164,8 +164,8 @@ pub struct InferenceStage {
 }
 
 impl InferenceStage {
-    /// Runs until every camera queue is closed and empty.
-    pub fn run(mut self) {
+    /// Runs until every camera queue is closed and empty; hands the engine back.
+    pub fn run(mut self) -> Box<dyn Engine> {
         let mut open = vec![true; self.queues.len()];
         let mut next_camera = 0;
         loop {
@@ -216,6 +216,7 @@ impl InferenceStage {
                 break;
             }
         }
+        self.engine
     }
 
     /// The first frame to arrive on any open queue within `timeout`.

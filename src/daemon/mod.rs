@@ -22,22 +22,17 @@ pub mod prometheus;
 pub mod publish;
 pub mod regions;
 pub mod telemetry;
+mod topology;
 
-use crate::engine::{Engine, EngineOptions};
-use crate::model::bundle::ClassThresholds;
-use config::{Config, ValidConfig};
-use crossbeam_channel::Sender;
 use gstreamer as gst;
-use judging::Judged;
-use publish::{Publisher, PublisherSettings};
+use publish::Publisher;
 use sd_notify::NotifyState;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use telemetry::Telemetry;
+pub use topology::{Dead, Prepared, Topology, prepare};
 
 /// Why the daemon could not start, or could not apply a reload.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +58,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Publish(#[from] publish::PublishError),
     #[error("the {0} stage stopped unexpectedly; exiting so that the service is restarted")]
-    StageStopped(&'static str),
+    StageStopped(String),
 }
 
 type Result<T> = std::result::Result<T, DaemonError>;
@@ -83,185 +78,6 @@ pub fn flush_timeout(s: &str) -> std::result::Result<Duration, config::Invalid> 
         .map_err(|_| config::Invalid::new("--flush-timeout", "must be a number of seconds"))?;
     config::within("--flush-timeout", secs, 0.0, 3600.0, " seconds")?;
     Ok(Duration::from_secs_f64(secs))
-}
-
-/// A configuration checked and its model loaded: ready to replace the running one.
-pub struct Prepared {
-    pub valid: ValidConfig,
-    pub engine: Box<dyn Engine>,
-    pub thresholds: BTreeMap<String, ClassThresholds>,
-    pub publisher: PublisherSettings,
-}
-
-/// Reads, validates and loads everything a configuration needs.
-pub fn prepare(opts: &RunOptions) -> Result<Prepared> {
-    let valid = Config::load(&opts.config)?.validate(&opts.config, &opts.pipelines)?;
-    let c = &valid.config;
-    let engine = c
-        .model
-        .engine
-        .load(
-            &valid.bundle.onnx,
-            &EngineOptions {
-                ort_lib: c.model.ort_lib.clone(),
-                threads: c.model.threads,
-                batch: c.batching.max_batch,
-            },
-        )
-        .map_err(|source| DaemonError::Engine {
-            model: c.model.bundle.clone(),
-            engine: c.model.engine.name(),
-            source,
-        })?;
-    let thresholds = c.model.thresholds(&valid.bundle);
-    let publisher = PublisherSettings {
-        mqtt: c.mqtt.clone(),
-        password: valid.password.clone(),
-        spool: c.spool.clone(),
-        site: c.device.site.clone(),
-        device: c.device.id.clone(),
-    };
-    Ok(Prepared {
-        valid,
-        engine,
-        thresholds,
-        publisher,
-    })
-}
-
-/// The running stages from capture to judging.
-pub struct Topology {
-    stop: Arc<AtomicBool>,
-    captures: Vec<JoinHandle<()>>,
-    inference: Option<JoinHandle<()>>,
-    judging: Option<JoinHandle<()>>,
-}
-
-impl Topology {
-    pub fn start(p: Prepared, out: Sender<Judged>, telemetry: &Arc<Telemetry>) -> Result<Topology> {
-        let c = &p.valid.config;
-        let ids: Vec<String> = c.cameras.iter().map(|c| c.id.clone()).collect();
-        let cams = telemetry.set_cameras(&ids);
-        let spec = p.valid.bundle.meta.input.clone();
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut captures = Vec::new();
-        let mut queues = Vec::new();
-        for (i, cam) in c.cameras.iter().enumerate() {
-            let Some(pipeline) = p.valid.pipelines.get(&cam.id) else {
-                return Err(DaemonError::NoPipeline(cam.id.clone()));
-            };
-            let (tx, rx) = crossbeam_channel::bounded(capture::QUEUE_FRAMES);
-            queues.push(rx.clone());
-            let src = capture::CameraSource {
-                index: i,
-                pipeline: pipeline.text.clone(),
-                max_fps: cam.max_fps,
-                finite: pipeline.finite,
-                stall_timeout: (cam.stall_timeout_s > 0.0)
-                    .then(|| Duration::from_secs_f64(cam.stall_timeout_s)),
-                telemetry: cams[i].clone(),
-                queue: tx,
-                queue_rx: rx,
-            };
-            let (all, stop) = (telemetry.clone(), stop.clone());
-            captures.push(
-                std::thread::Builder::new()
-                    .name(format!("capture-{}", cam.id))
-                    .spawn(move || capture::run_camera(src, all, stop))
-                    .map_err(|e| DaemonError::Thread(format!("capture-{}", cam.id), e))?,
-            );
-        }
-        let (inferred_tx, inferred_rx) = crossbeam_channel::bounded(8);
-        let model_id = p.valid.bundle.model_id();
-        let stage = inference::InferenceStage {
-            engine: p.engine,
-            input: spec.clone(),
-            queues,
-            cameras: cams.clone(),
-            out: inferred_tx,
-            max_batch: c.batching.max_batch,
-            max_wait: Duration::from_millis(c.batching.max_wait_ms),
-            telemetry: telemetry.clone(),
-            stopping: stop.clone(),
-            batch_input: Vec::new(),
-        };
-        let inference = std::thread::Builder::new()
-            .name("inference".into())
-            .spawn(move || stage.run())
-            .map_err(|e| DaemonError::Thread("inference".into(), e))?;
-        let judge = judging::JudgingStage {
-            input: inferred_rx,
-            out,
-            cameras: cams,
-            pinned: c
-                .cameras
-                .iter()
-                .map(|c| (c.class != "auto").then(|| c.class.clone()))
-                .collect(),
-            classes: p.valid.bundle.meta.classes.clone(),
-            thresholds: p.thresholds,
-            spec,
-            model_id: model_id.clone(),
-            telemetry: telemetry.clone(),
-        };
-        let judging = std::thread::Builder::new()
-            .name("judging".into())
-            .spawn(move || judge.run())
-            .map_err(|e| DaemonError::Thread("judging".into(), e))?;
-        if let Ok(mut m) = telemetry.model_id.lock() {
-            *m = model_id;
-        }
-        telemetry.model_loaded.store(true, Ordering::Relaxed);
-        Ok(Topology {
-            stop,
-            captures,
-            inference: Some(inference),
-            judging: Some(judging),
-        })
-    }
-
-    /// The stage whose thread has ended, if any: while the daemon runs, inference and
-    /// judging only end by panicking.
-    pub fn stopped_stage(&self) -> Option<telemetry::Stage> {
-        let ended = |t: &Option<JoinHandle<()>>| t.as_ref().is_none_or(|t| t.is_finished());
-        if ended(&self.inference) {
-            Some(telemetry::Stage::Inference)
-        } else if ended(&self.judging) {
-            Some(telemetry::Stage::Judging)
-        } else {
-            None
-        }
-    }
-
-    /// Stops capture, then lets inference and judging finish the frames already taken.
-    pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // A source stuck in teardown (a dead network camera) must not hold up the stop:
-        // its thread is left behind, and its frames are not waited for.
-        let until = Instant::now() + Duration::from_secs(5);
-        for t in self.captures.drain(..) {
-            while !t.is_finished() && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if t.is_finished() {
-                let _ = t.join();
-            } else {
-                tracing::warn!("a camera pipeline did not stop within 5 s; left behind");
-            }
-        }
-        for t in [self.inference.take(), self.judging.take()]
-            .into_iter()
-            .flatten()
-        {
-            let until = Instant::now() + Duration::from_secs(10);
-            while !t.is_finished() && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if t.is_finished() {
-                let _ = t.join();
-            }
-        }
-    }
 }
 
 fn notify(states: &[NotifyState]) {
@@ -361,13 +177,16 @@ pub fn run(opts: &RunOptions) -> Result<()> {
                 );
             }
         }
-        if let Some(stage) = topology
-            .stopped_stage()
-            .or_else(|| publisher.has_stopped().then_some(telemetry::Stage::Publish))
-        {
-            telemetry.stage_stopped(stage);
-            tracing::error!("the {} stage stopped unexpectedly", stage.name());
-            died = Some(stage);
+        if let Some(dead) = topology.dead(&telemetry).or_else(|| {
+            publisher
+                .has_stopped()
+                .then_some(Dead::Stage(telemetry::Stage::Publish))
+        }) {
+            if let Dead::Stage(stage) = dead {
+                telemetry.stage_stopped(stage);
+            }
+            tracing::error!("the {} stage stopped unexpectedly", dead.name());
+            died = Some(dead);
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -381,13 +200,15 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     // A stage that died ends the process with an error, so that the service manager
     // restarts it (Restart=on-failure); the spool keeps every alarm across the restart.
     match died {
-        Some(stage) => Err(DaemonError::StageStopped(stage.name())),
+        Some(dead) => Err(DaemonError::StageStopped(dead.name())),
         None => Ok(()),
     }
 }
 
 /// SIGHUP: the new configuration and model are checked and loaded first; a rejected one
-/// leaves the running one in place (the reason is logged and reported in `health`).
+/// leaves the running one in place (the reason is logged and reported in `health`). If
+/// the new one passes the checks but cannot start (its spool cannot be opened, a thread
+/// cannot be started), the old one is started again.
 fn apply_reload(
     opts: &RunOptions,
     topology: &mut Topology,
@@ -398,17 +219,41 @@ fn apply_reload(
     let p = match prepare(opts) {
         Ok(p) => p,
         Err(e) => {
-            let why = format!("{e:#}");
-            tracing::error!("reload rejected, the running configuration stays: {why}");
-            telemetry.reloads_failed.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut l) = telemetry.last_reload_error.lock() {
-                *l = Some(why);
-            }
-            telemetry.changed.store(true, Ordering::Relaxed);
+            reload_rejected(telemetry, &e, "the running configuration stays");
             return Ok(());
         }
     };
-    topology.stop();
+    let old = topology.stop();
+    if let Err(e) = switch_to(p, opts, topology, publisher, telemetry, listen) {
+        reload_rejected(telemetry, &e, "starting the previous configuration again");
+        // Without the previous configuration (its engine died with its thread) the
+        // daemon ends with the error and the service manager restarts it.
+        let old = old.ok_or(e)?;
+        if publisher.has_stopped() || publisher.settings.differs(&old.publisher) {
+            publisher.stop(opts.flush);
+            *publisher = Publisher::start(old.publisher.clone(), telemetry.clone())?;
+        }
+        *topology = Topology::start(old, publisher.sender(), telemetry)?;
+        return Ok(());
+    }
+    telemetry.reloads_ok.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut l) = telemetry.last_reload_error.lock() {
+        *l = None;
+    }
+    telemetry.changed.store(true, Ordering::Relaxed);
+    tracing::info!("reload applied");
+    Ok(())
+}
+
+/// Starts the publisher (when its settings changed) and the stages of `p`.
+fn switch_to(
+    p: Prepared,
+    opts: &RunOptions,
+    topology: &mut Topology,
+    publisher: &mut Publisher,
+    telemetry: &Arc<Telemetry>,
+    listen: &str,
+) -> Result<()> {
     if publisher.settings.differs(&p.publisher) {
         tracing::info!("MQTT or spool settings changed: reconnecting");
         publisher.stop(opts.flush);
@@ -422,13 +267,17 @@ fn apply_reload(
     }
     log_start(&p);
     *topology = Topology::start(p, publisher.sender(), telemetry)?;
-    telemetry.reloads_ok.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+fn reload_rejected(telemetry: &Telemetry, e: &DaemonError, then: &str) {
+    let why = format!("{e:#}");
+    tracing::error!("reload rejected, {then}: {why}");
+    telemetry.reloads_failed.fetch_add(1, Ordering::Relaxed);
     if let Ok(mut l) = telemetry.last_reload_error.lock() {
-        *l = None;
+        *l = Some(why);
     }
     telemetry.changed.store(true, Ordering::Relaxed);
-    tracing::info!("reload applied");
-    Ok(())
 }
 
 fn log_start(p: &Prepared) {
