@@ -41,7 +41,7 @@ pub struct DeviceConfig {
 }
 
 impl DeviceConfig {
-    fn validate(&self) -> Result<(), Invalid> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         for (key, value) in [("device.site", &self.site), ("device.id", &self.id)] {
             if !topic_safe(value) {
                 return Err(Invalid::new(
@@ -67,7 +67,7 @@ fn default_level() -> String {
 }
 
 impl LoggingConfig {
-    fn validate(&self) -> Result<(), Invalid> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         tracing_subscriber::EnvFilter::try_new(&self.level)
             .map_err(|e| Invalid::new("logging.level", e.to_string()))?;
         Ok(())
@@ -198,14 +198,20 @@ pub struct ValidConfig {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = crate::path_error::read_text_limited(path, crate::path_error::limits::TEXT)
+            .map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Config::parse(&text).map_err(|reason| ConfigError::Parse {
             path: path.to_path_buf(),
-            source,
-        })?;
-        serde_saphyr::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason,
         })
+    }
+
+    /// Parses configuration text (nothing is checked yet; see [`Config::validate`]).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        serde_saphyr::from_str(text).map_err(|e| e.to_string())
     }
 
     /// Checks everything knowable before start, section by section. Relative paths are

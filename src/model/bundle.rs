@@ -249,11 +249,21 @@ impl BundleMeta {
 }
 
 impl BundleMeta {
+    /// Parses and checks model.yaml's text (`path` names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<BundleMeta, BundleError> {
+        let meta: BundleMeta = serde_saphyr::from_str(text).map_err(|e| BundleError::Yaml {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        meta.check(path)?;
+        Ok(meta)
+    }
+
     /// Checks the graph's declared sizes against these fields: the `image` input is
     /// [N, 3, height, width], `anomaly_map` [N, 1, height, width] and `patch_scores`
     /// [N, rows, columns]. Every frame is prepared from these fields, so a mismatch would
     /// otherwise surface as an engine error on the first frame.
-    fn check_graph(&self, onnx: &[u8]) -> Result<(), String> {
+    pub fn check_graph(&self, onnx: &[u8]) -> Result<(), String> {
         let sig = crate::onnx::signature::read(onnx).map_err(|e| e.to_string())?;
         let (h, w) = (self.input.height as i64, self.input.width as i64);
         let [rows, cols] = self.patch_grid.map(|v| v as i64);
@@ -289,15 +299,12 @@ impl Bundle {
     /// Reads and validates a bundle directory.
     pub fn read(dir: &Path) -> Result<Bundle, BundleError> {
         let ypath = dir.join(YAML_FILE);
-        let text = std::fs::read_to_string(&ypath).map_err(|source| BundleError::Io {
-            path: ypath.clone(),
-            source,
-        })?;
-        let meta: BundleMeta = serde_saphyr::from_str(&text).map_err(|e| BundleError::Yaml {
-            path: ypath.clone(),
-            reason: e.to_string(),
-        })?;
-        meta.check(&ypath)?;
+        let text = crate::path_error::read_text_limited(&ypath, crate::path_error::limits::TEXT)
+            .map_err(|source| BundleError::Io {
+                path: ypath.clone(),
+                source,
+            })?;
+        let meta = BundleMeta::parse(&text, &ypath)?;
         let opath = dir.join(ONNX_FILE);
         let onnx = std::fs::read(&opath).map_err(|source| BundleError::Io {
             path: opath.clone(),

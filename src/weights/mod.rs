@@ -98,28 +98,14 @@ impl StateDict {
     /// keyed by the file stem), chosen by content rather than by extension.
     pub fn load(path: &Path) -> Result<StateDict, WeightsError> {
         let bytes = read_bounded(path)?;
-        let fmt_err = |reason: Malformed| WeightsError::Format {
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tensors = parse(&bytes, &stem).map_err(|reason| WeightsError::Format {
             path: path.to_path_buf(),
             reason: reason.0,
-        };
-        let tensors = if bytes.starts_with(b"PK") {
-            pth::load_zip(&bytes).map_err(fmt_err)?
-        } else if bytes.starts_with(b"\x80") {
-            pth::load_legacy(&bytes).map_err(fmt_err)?
-        } else if bytes.starts_with(b"\x93NUMPY") {
-            let t = npy::read(&bytes).map_err(fmt_err)?;
-            let stem = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            BTreeMap::from([(stem, t)])
-        } else {
-            load_safetensors(&bytes).map_err(|e| {
-                fmt_err(Malformed(format!(
-                    "neither a PyTorch .pth, a .npy nor a safetensors file ({e})"
-                )))
-            })?
-        };
+        })?;
         Ok(StateDict {
             tensors,
             source: path.to_path_buf(),
@@ -186,6 +172,24 @@ impl StateDict {
                 .collect(),
             source: self.source.clone(),
         }
+    }
+}
+
+/// The tensors of a weights file's bytes, the format chosen by content; a lone `.npy`
+/// array is named `stem`.
+pub fn parse(bytes: &[u8], stem: &str) -> Result<BTreeMap<String, Tensor>, Malformed> {
+    if bytes.starts_with(b"PK") {
+        pth::load_zip(bytes)
+    } else if bytes.starts_with(b"\x80") {
+        pth::load_legacy(bytes)
+    } else if bytes.starts_with(b"\x93NUMPY") {
+        Ok(BTreeMap::from([(stem.to_string(), npy::read(bytes)?)]))
+    } else {
+        load_safetensors(bytes).map_err(|e| {
+            Malformed(format!(
+                "neither a PyTorch .pth, a .npy nor a safetensors file ({e})"
+            ))
+        })
     }
 }
 

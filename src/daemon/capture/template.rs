@@ -57,10 +57,11 @@ pub enum TemplateError {
 impl PipelineTemplate {
     pub fn load(dir: &Path, name: &str) -> Result<PipelineTemplate, TemplateError> {
         let path = dir.join(format!("{name}.pipeline"));
-        let text = std::fs::read_to_string(&path).map_err(|_| TemplateError::NotFound {
-            name: name.to_string(),
-            path: path.clone(),
-        })?;
+        let text = crate::path_error::read_text_limited(&path, crate::path_error::limits::TEXT)
+            .map_err(|_| TemplateError::NotFound {
+                name: name.to_string(),
+                path: path.clone(),
+            })?;
         Self::parse(name, &path, &text)
     }
 

@@ -148,12 +148,13 @@ impl MqttConfig {
             )),
             (Some(f), None) => {
                 let f = resolve(base, f);
-                let p = std::fs::read_to_string(&f).map_err(|e| {
-                    Invalid::new(
-                        "mqtt.password_file",
-                        format!("cannot read {}: {e}", f.display()),
-                    )
-                })?;
+                let p = crate::path_error::read_text_limited(&f, crate::path_error::limits::SECRET)
+                    .map_err(|e| {
+                        Invalid::new(
+                            "mqtt.password_file",
+                            format!("cannot read {}: {e}", f.display()),
+                        )
+                    })?;
                 Ok(Some(p.trim_end_matches(['\n', '\r']).to_string()))
             }
             (None, Some(var)) => std::env::var(var).map(Some).map_err(|_| {
@@ -224,8 +225,12 @@ pub fn tls_config(mqtt: &MqttConfig) -> Result<Transport, PublishError> {
         .as_ref()
         .ok_or_else(|| bad("mqtt.tls", "an mqtts:// URL needs tls.ca".into()))?;
     let mut roots = rustls::RootCertStore::empty();
-    let cas: Vec<CertificateDer> = CertificateDer::pem_file_iter(&tls.ca)
-        .and_then(|it| it.collect::<Result<_, _>>())
+    let pem = |key: &'static str, path: &std::path::Path| {
+        crate::path_error::read_limited(path, crate::path_error::limits::PEM)
+            .map_err(|e| bad(key, format!("{}: {e}", path.display())))
+    };
+    let cas: Vec<CertificateDer> = CertificateDer::pem_slice_iter(&pem("mqtt.tls.ca", &tls.ca)?)
+        .collect::<Result<_, _>>()
         .map_err(|e| bad("mqtt.tls.ca", format!("{}: {e}", tls.ca.display())))?;
     if cas.is_empty() {
         return Err(bad(
@@ -245,10 +250,11 @@ pub fn tls_config(mqtt: &MqttConfig) -> Result<Transport, PublishError> {
         .with_root_certificates(roots);
     let config = match (&tls.cert, &tls.key) {
         (Some(cert), Some(key)) => {
-            let chain: Vec<CertificateDer> = CertificateDer::pem_file_iter(cert)
-                .and_then(|it| it.collect::<Result<_, _>>())
-                .map_err(|e| bad("mqtt.tls.cert", format!("{}: {e}", cert.display())))?;
-            let key = PrivateKeyDer::from_pem_file(key)
+            let chain: Vec<CertificateDer> =
+                CertificateDer::pem_slice_iter(&pem("mqtt.tls.cert", cert)?)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| bad("mqtt.tls.cert", format!("{}: {e}", cert.display())))?;
+            let key = PrivateKeyDer::from_pem_slice(&pem("mqtt.tls.key", key)?)
                 .map_err(|e| bad("mqtt.tls.key", format!("{}: {e}", key.display())))?;
             builder
                 .with_client_auth_cert(chain, key)

@@ -63,6 +63,15 @@ pub(super) fn rebuild_tensor(
     *elements += numel;
     let bytes = storages.bytes(&sref.key)?;
     let es = sref.dtype.size();
+    // A tensor never holds more elements than its storage (a broadcast view would be
+    // a few bytes of file that expand to gigabytes).
+    if numel > bytes.len() / es {
+        return Err(Malformed(format!(
+            "tensor has {numel} elements, its storage {} only {} (save it with .contiguous())",
+            sref.key,
+            bytes.len() / es
+        )));
+    }
     if numel > 0 {
         // The farthest element, computed with checked arithmetic; every other is nearer,
         // so the positions below can neither overflow nor leave the storage.
