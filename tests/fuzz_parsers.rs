@@ -363,7 +363,7 @@ fn fuzz_pipeline_templates() {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         match PipelineTemplate::parse("fuzz", Path::new("fuzz.pipeline"), template) {
-            Ok(t) => outcome(t.render(&values), |r| format!("rendered {}", r.len() > 0)),
+            Ok(t) => outcome(t.render(&values), |r| format!("rendered {}", !r.is_empty())),
             Err(e) => format!("parse: {e}"),
         }
     });
