@@ -176,3 +176,58 @@ fn kill_9_loses_nothing_and_duplicates_only_keep_their_sequence() {
     std::thread::sleep(Duration::from_millis(500));
     check_arrivals(&arrivals(&sub), n, before);
 }
+
+/// The spool stores alarms, not topics: alarms spooled while the broker was unreachable
+/// go out under the topic prefix configured when they are sent. The daemon starts with
+/// a broker address where nothing listens; a reload gives it the real broker and a new
+/// prefix; every spooled alarm then arrives, under the new prefix only.
+#[test]
+fn spooled_alarms_follow_a_prefix_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let line = line(dir);
+    let broker = Broker::start(&dir.join("broker"));
+    let sub = Subscriber::start(broker.port, "#");
+    let http = free_port();
+    let nowhere = format!("mqtt://127.0.0.1:{}", free_port());
+    let cameras = [("cam1", "image-sequence", folder_params(&line, 6, true))];
+    let cameras: Vec<(&str, &str, &str)> = cameras
+        .iter()
+        .map(|(a, b, c)| (*a, *b, c.as_str()))
+        .collect();
+    let cfg = write_config(dir, &line, &nowhere, http, &cameras, "");
+    let mut d = Daemon::start(&cfg, &dir.join("cras.log"), &[]);
+    wait_for(90.0, "alarms in the spool", || {
+        metric(&metrics(http), "cras_alarms_spooled").is_some_and(|n| n >= 4.0)
+    });
+    write_config(
+        dir,
+        &line,
+        &broker.url(),
+        http,
+        &cameras,
+        "  topic_prefix: plant/line2\n",
+    );
+    signal(d.pid(), "HUP");
+    wait_for(60.0, "the reload and the spool sent", || {
+        let m = metrics(http);
+        metric(&m, "cras_reloads_total") == Some(1.0)
+            && metric(&m, "cras_broker_connected") == Some(1.0)
+            && metric(&m, "cras_alarms_acknowledged_total").is_some_and(|n| n >= 4.0)
+    });
+    let (code, _) = d.stop_with("TERM", 30.0);
+    assert_eq!(code, Some(0), "{}", d.log_text());
+    let n = issued(&dir.join("spool"));
+    wait_for(20.0, "every alarm at the subscriber", || {
+        unique(&arrivals(&sub)) >= n
+    });
+    let alarms = sub.on("/alarm");
+    for m in &alarms {
+        assert!(
+            m.topic.starts_with("plant/line2/plant1/box1/cam1/alarm"),
+            "an alarm under the old prefix: {}",
+            m.topic
+        );
+    }
+    check_arrivals(&arrivals(&sub), n, 0);
+}
