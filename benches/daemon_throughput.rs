@@ -15,6 +15,11 @@
 //! efficientnet_lite0` and ../shared/fixtures). BENCH_SECS (default 30) per load;
 //! BENCH_RSS_SECS (default 600) for the memory run, 0 to skip it.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::daemon::{free_port, rss_kib};
+use common::fixtures;
 use cras::daemon::prometheus::bucket_quantile;
 use cras::engine::{CrasOutputs, EngineKind, EngineOptions};
 use std::path::{Path, PathBuf};
@@ -26,12 +31,6 @@ fn env_secs(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("CRAS_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"))
 }
 
 fn bundle(dir: &Path) -> PathBuf {
@@ -84,14 +83,6 @@ fn engine_rate(model: &Path, n: usize, threads: Option<usize>) -> f64 {
     (runs * n) as f64 / t0.elapsed().as_secs_f64()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn metrics(port: u16) -> String {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
@@ -123,17 +114,6 @@ fn e2e_buckets(text: &str) -> Vec<(f64, f64)> {
             Some((le, l.rsplit(' ').next()?.parse().ok()?))
         })
         .collect()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 struct Run {

@@ -533,3 +533,15 @@ pub fn folder_rig(dir: &Path, fps: u32, looping: bool, extra_mqtt: &str) -> Rig 
         config,
     }
 }
+
+/// Resident memory of process `pid` in KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-const COUNTER: &str = "next-sequence";
+pub const COUNTER: &str = "next-sequence";
 const ALARM_SUFFIX: &str = ".alarm";
 const DIGITS: usize = 20;
 
@@ -87,10 +87,6 @@ pub fn read_counter(dir: &Path) -> Result<Option<u64>, String> {
     }
 }
 
-pub fn write_counter(dir: &Path, next: u64) -> std::io::Result<()> {
-    write_durably(dir, COUNTER, next.to_string().as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,7 +125,7 @@ mod tests {
     fn the_counter_is_missing_readable_or_an_error() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(read_counter(dir.path()), Ok(None));
-        write_counter(dir.path(), 17).unwrap();
+        write_durably(dir.path(), COUNTER, b"17").unwrap();
         assert_eq!(read_counter(dir.path()), Ok(Some(17)));
         std::fs::write(counter_path(dir.path()), b"\0\0garbage").unwrap();
         assert!(read_counter(dir.path()).is_err());

@@ -202,9 +202,21 @@ impl AlarmSpool {
         let seq = self.next_seq;
         let payload = build(seq)?;
         let size = payload.len() as u64;
-        // Reserve the number first: an alarm on disk is always below the counter.
-        files::write_counter(&self.dir, seq + 1).map_err(io(&files::counter_path(&self.dir)))?;
+        // From here the number is used whatever happens: a failure below is a loss with
+        // a gap, never a number given twice.
         self.next_seq = seq + 1;
+        let lost = |s: &mut Self, source| {
+            s.lost_total += 1;
+            SpoolError::Lost {
+                sequence: seq,
+                source,
+            }
+        };
+        // Reserve the number on disk first: an alarm on disk is always below the counter.
+        let counter = (seq + 1).to_string();
+        if let Err(source) = self.write_making_room(files::COUNTER, counter.as_bytes()) {
+            return Err(lost(self, source));
+        }
         if size > self.max_bytes {
             self.lost_total += 1;
             return Err(SpoolError::TooLarge {
@@ -217,32 +229,34 @@ impl AlarmSpool {
                 break;
             }
         }
-        loop {
-            match self.write_alarm(seq, &payload) {
-                Ok(()) => break,
-                // A full disk: make room with the oldest alarms rather than lose the newest.
-                Err(e) if files::is_full(&e) && self.evict_oldest()? => continue,
-                Err(source) => {
-                    self.lost_total += 1;
-                    return Err(SpoolError::Lost {
-                        sequence: seq,
-                        source,
-                    });
-                }
-            }
+        if let Err(source) = self.write_making_room(&files::alarm_name(seq), &payload) {
+            return Err(lost(self, source));
         }
         self.bytes += size;
         self.queued.push_back((seq, size));
         Ok(seq)
     }
 
-    fn write_alarm(&mut self, seq: u64, payload: &[u8]) -> std::io::Result<()> {
+    /// Writes `name` durably; while the disk is full, the oldest alarm makes room (the
+    /// newest alarm is worth more than the oldest).
+    fn write_making_room(&mut self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        loop {
+            match self.disk_write(name, bytes) {
+                Err(e) if files::is_full(&e) && matches!(self.evict_oldest(), Ok(true)) => {
+                    continue;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn disk_write(&mut self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
         #[cfg(test)]
         if self.full_disk_writes > 0 {
             self.full_disk_writes -= 1;
             return Err(std::io::ErrorKind::StorageFull.into());
         }
-        files::write_durably(&self.dir, &files::alarm_name(seq), payload)
+        files::write_durably(&self.dir, name, bytes)
     }
 
     /// Evicts the oldest alarm, queued or in flight; false when the spool is empty.

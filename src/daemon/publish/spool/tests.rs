@@ -111,6 +111,26 @@ fn a_full_disk_evicts_the_oldest_to_store_the_newest() {
     assert_eq!(drain(&mut s), vec![b"a2".to_vec(), b"a3".to_vec()]);
 }
 
+/// The counter is written first; a full disk there makes room the same way (it used to
+/// lose every alarm while the disk stayed full).
+#[test]
+fn a_full_disk_at_the_counter_evicts_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = AlarmSpool::open(dir.path(), 1 << 20).unwrap();
+    for p in ["a0", "a1"] {
+        s.push(p.as_bytes()).unwrap();
+    }
+    // Exactly one refused write: the counter's.
+    s.full_disk_writes = 1;
+    assert_eq!(s.push(b"a2").unwrap(), 2);
+    assert_eq!((s.stats().evicted_total, s.stats().lost_total), (1, 0));
+    assert_eq!(drain(&mut s), vec![b"a1".to_vec(), b"a2".to_vec()]);
+    assert_eq!(
+        std::fs::read_to_string(files::counter_path(dir.path())).unwrap(),
+        "3"
+    );
+}
+
 #[test]
 fn an_alarm_that_cannot_be_written_leaves_a_counted_gap() {
     let dir = tempfile::tempdir().unwrap();
