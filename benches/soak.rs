@@ -16,7 +16,7 @@
 //! subscriber (a persistent QoS 1 session) or is counted as evicted or failed; every
 //! alarm raised got a number; the daemon never exited; resident memory per minute.
 //!
-//! Run: `cargo bench --bench soak` (needs `cras setup --backbone efficientnet_lite0`,
+//! Run: `cargo bench --bench soak` (SOAK_HUP_SECS=0: no reloads; needs `cras setup --backbone efficientnet_lite0`,
 //! mosquitto and ../shared/fixtures). SOAK_SECS=60 for a short run.
 
 #[path = "../tests/common/mod.rs"]
@@ -69,6 +69,11 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(600);
+    // Seconds between SIGHUPs; 0 for none (to tell reload memory from the rest).
+    let hup_every: u64 = std::env::var("SOAK_HUP_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(25);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let line = line(dir);
@@ -131,7 +136,7 @@ fn main() {
             broker_up = !broker_up;
             flips += 1;
         }
-        if now >= next_hup {
+        if hup_every > 0 && now >= next_hup {
             hups += 1;
             let text = match hups % 4 {
                 1 => &good_b,
@@ -140,7 +145,7 @@ fn main() {
             };
             std::fs::write(&cfg, text).unwrap();
             signal(pid, "HUP");
-            next_hup = now + Duration::from_secs(25);
+            next_hup = now + Duration::from_secs(hup_every);
         }
         if now >= next_rss {
             rss.push(rss_kib(pid));

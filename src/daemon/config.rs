@@ -28,6 +28,8 @@ pub struct Config {
     #[serde(default)]
     pub http: HttpConfig,
     #[serde(default)]
+    pub rtsp: super::operator::config::RtspConfig,
+    #[serde(default)]
     pub logging: LoggingConfig,
 }
 
@@ -194,6 +196,8 @@ pub struct ValidConfig {
     /// Rendered capture pipeline per camera id.
     pub pipelines: BTreeMap<String, CameraPipeline>,
     pub password: Option<String>,
+    /// Operator-view viewers (user -> password); empty without a credentials file.
+    pub rtsp_credentials: BTreeMap<String, String>,
 }
 
 impl Config {
@@ -232,12 +236,14 @@ impl Config {
         let password = self.mqtt.validate(base).map_err(found)?;
         self.spool.validate(base).map_err(found)?;
         self.http.validate().map_err(found)?;
+        let rtsp_credentials = self.rtsp.validate(base).map_err(found)?;
         self.logging.validate().map_err(found)?;
         Ok(ValidConfig {
             config: self,
             bundle,
             pipelines,
             password,
+            rtsp_credentials,
         })
     }
 }

@@ -141,6 +141,8 @@ pub struct Inferred {
     pub class_id: i64,
     pub map: Vec<f32>,
     pub map_hw: (usize, usize),
+    /// The frame as captured, for the operator view.
+    pub image: image::RgbImage,
     pub queue_ms: f64,
     pub preprocess_ms: f64,
     pub inference_ms: f64,
@@ -320,6 +322,7 @@ impl InferenceStage {
                 class_id: outs.class_ids[i],
                 map: outs.map(i).to_vec(),
                 map_hw: outs.map_hw,
+                image: f.image,
                 queue_ms,
                 preprocess_ms,
                 inference_ms,

@@ -39,6 +39,8 @@ pub struct JudgingStage {
     pub spec: InputSpec,
     pub model_id: String,
     pub telemetry: Arc<Telemetry>,
+    /// The operator view, when it is on.
+    pub operator: Option<super::operator::Feed>,
 }
 
 /// How often each camera's frame counts are logged.
@@ -122,6 +124,18 @@ impl JudgingStage {
                     verdict.score,
                     verdict.threshold
                 );
+            }
+            if let Some(feed) = self.operator.as_ref().filter(|f| f.wants(r.camera)) {
+                feed.offer(super::operator::Scene {
+                    camera: r.camera,
+                    frame: r.image,
+                    map: r.map,
+                    map_hw: r.map_hw,
+                    geometry,
+                    pixel_threshold: t.pixel.unwrap_or(t.image),
+                    class: class.clone(),
+                    verdict: verdict.clone(),
+                });
             }
             let judged = Judged {
                 camera: cam.id.clone(),

@@ -18,6 +18,7 @@ pub mod config;
 pub mod http;
 pub mod inference;
 pub mod judging;
+pub mod operator;
 pub mod prometheus;
 pub mod publish;
 pub mod regions;
@@ -32,7 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use telemetry::Telemetry;
-pub use topology::{Dead, Prepared, Topology, prepare};
+pub use topology::{Dead, Prepared, Topology, match_view, prepare};
 
 /// Why the daemon could not start, or could not apply a reload.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,8 @@ pub enum DaemonError {
     Http(#[from] http::HttpError),
     #[error(transparent)]
     Publish(#[from] publish::PublishError),
+    #[error(transparent)]
+    Operator(#[from] operator::OperatorError),
     #[error("the {0} stage stopped unexpectedly; exiting so that the service is restarted")]
     StageStopped(String),
 }
@@ -125,7 +128,10 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     );
     let mut publisher = Publisher::start(prepared.publisher.clone(), telemetry.clone())?;
     log_start(&prepared);
-    let mut topology = Topology::start(prepared, publisher.sender(), &telemetry)?;
+    let mut view = None;
+    match_view(&mut view, &prepared, &telemetry)?;
+    let feed = view.as_ref().map(|v: &operator::OperatorView| v.feed());
+    let mut topology = Topology::start(prepared, publisher.sender(), feed, &telemetry)?;
     notify(&[
         NotifyState::Ready,
         NotifyState::Status(&status_line(&telemetry)),
@@ -156,7 +162,11 @@ pub fn run(opts: &RunOptions) -> Result<()> {
                 NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
             ]);
             tracing::info!("SIGHUP: reloading {}", opts.config.display());
-            apply_reload(opts, &mut topology, &mut publisher, &telemetry, &listen)?;
+            let outputs = Outputs {
+                publisher: &mut publisher,
+                view: &mut view,
+            };
+            apply_reload(opts, &mut topology, outputs, &telemetry, &listen)?;
             notify(&[
                 NotifyState::Ready,
                 NotifyState::Status(&status_line(&telemetry)),
@@ -205,14 +215,20 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     }
 }
 
+/// What the stages feed: the publisher and, when on, the operator view.
+struct Outputs<'a> {
+    publisher: &'a mut Publisher,
+    view: &'a mut Option<operator::OperatorView>,
+}
+
 /// SIGHUP: the new configuration and model are checked and loaded first; a rejected one
 /// leaves the running one in place (the reason is logged and reported in `health`). If
-/// the new one passes the checks but cannot start (its spool cannot be opened, a thread
-/// cannot be started), the old one is started again.
+/// the new one passes the checks but cannot start (its spool cannot be opened, its RTSP
+/// port is taken, a thread cannot be started), the old one is started again.
 fn apply_reload(
     opts: &RunOptions,
     topology: &mut Topology,
-    publisher: &mut Publisher,
+    out: Outputs,
     telemetry: &Arc<Telemetry>,
     listen: &str,
 ) -> Result<()> {
@@ -224,7 +240,8 @@ fn apply_reload(
         }
     };
     let old = topology.stop();
-    if let Err(e) = switch_to(p, opts, topology, publisher, telemetry, listen) {
+    let Outputs { publisher, view } = out;
+    if let Err(e) = switch_to(p, opts, topology, publisher, view, telemetry, listen) {
         reload_rejected(telemetry, &e, "starting the previous configuration again");
         // Without the previous configuration (its engine died with its thread) the
         // daemon ends with the error and the service manager restarts it.
@@ -233,7 +250,9 @@ fn apply_reload(
             publisher.stop(opts.flush);
             *publisher = Publisher::start(old.publisher.clone(), telemetry.clone())?;
         }
-        *topology = Topology::start(old, publisher.sender(), telemetry)?;
+        match_view(view, &old, telemetry)?;
+        let feed = view.as_ref().map(|v| v.feed());
+        *topology = Topology::start(old, publisher.sender(), feed, telemetry)?;
         return Ok(());
     }
     telemetry.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -245,12 +264,14 @@ fn apply_reload(
     Ok(())
 }
 
-/// Starts the publisher (when its settings changed) and the stages of `p`.
+/// Starts the publisher (when its settings changed), the operator view (when its
+/// settings or cameras changed) and the stages of `p`.
 fn switch_to(
     p: Prepared,
     opts: &RunOptions,
     topology: &mut Topology,
     publisher: &mut Publisher,
+    view: &mut Option<operator::OperatorView>,
     telemetry: &Arc<Telemetry>,
     listen: &str,
 ) -> Result<()> {
@@ -259,6 +280,7 @@ fn switch_to(
         publisher.stop(opts.flush);
         *publisher = Publisher::start(p.publisher.clone(), telemetry.clone())?;
     }
+    match_view(view, &p, telemetry)?;
     if p.valid.config.http.listen != listen {
         tracing::warn!(
             "http.listen changed to {}; it takes effect at the next start",
@@ -266,7 +288,8 @@ fn switch_to(
         );
     }
     log_start(&p);
-    *topology = Topology::start(p, publisher.sender(), telemetry)?;
+    let feed = view.as_ref().map(|v| v.feed());
+    *topology = Topology::start(p, publisher.sender(), feed, telemetry)?;
     Ok(())
 }
 

@@ -136,7 +136,7 @@ fn latencies(o: &mut String, t: &Telemetry) {
 }
 
 /// Device-wide metrics (name, type, help), in the order of [`total_values`].
-const TOTALS: [(&str, &str, &str); 12] = [
+const TOTALS: [(&str, &str, &str); 14] = [
     ("alarms_total", "counter", "Alarms raised."),
     (
         "alarms_acknowledged_total",
@@ -176,6 +176,16 @@ const TOTALS: [(&str, &str, &str); 12] = [
         "Configuration reloads rejected.",
     ),
     (
+        "overlay_frames_total",
+        "counter",
+        "Operator-view frames drawn and streamed (only while someone watches).",
+    ),
+    (
+        "overlay_dropped_total",
+        "counter",
+        "Operator-view frames dropped because drawing was behind.",
+    ),
+    (
         "http_refused_total",
         "counter",
         "HTTP connections closed at once: the server was at its connection limit.",
@@ -200,6 +210,8 @@ fn total_values(t: &Telemetry) -> [u64; TOTALS.len()] {
         u64::from(t.broker_connected.load(Ordering::Relaxed)),
         ld(&t.reloads_ok),
         ld(&t.reloads_failed),
+        ld(&t.overlay_frames),
+        ld(&t.overlay_dropped),
         ld(&t.http_refused),
         ld(&t.http_accept_errors),
     ]

@@ -195,6 +195,10 @@ pub struct Telemetry {
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
     pub last_reload_error: Mutex<Option<String>>,
+    /// Operator-view frames drawn and handed to the encoder, and scenes dropped because
+    /// drawing was behind.
+    pub overlay_frames: AtomicU64,
+    pub overlay_dropped: AtomicU64,
     /// HTTP connections closed on accept because the server was at its limit.
     pub http_refused: AtomicU64,
     /// Failed accepts (out of file descriptors or memory); the server retries.
@@ -233,6 +237,8 @@ impl Telemetry {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             last_reload_error: Mutex::new(None),
+            overlay_frames: AtomicU64::new(0),
+            overlay_dropped: AtomicU64::new(0),
             http_refused: AtomicU64::new(0),
             http_accept_errors: AtomicU64::new(0),
             changed: AtomicBool::new(false),

@@ -6,6 +6,7 @@ use super::capture;
 use super::config::{Config, ValidConfig};
 use super::inference;
 use super::judging::{self, Judged};
+use super::operator::{self, OperatorView};
 use super::publish::PublisherSettings;
 use super::telemetry::{self, CameraState, CameraTelemetry, Telemetry};
 use super::{DaemonError, Result, RunOptions};
@@ -95,7 +96,12 @@ pub struct Topology {
 }
 
 impl Topology {
-    pub fn start(p: Prepared, out: Sender<Judged>, telemetry: &Arc<Telemetry>) -> Result<Topology> {
+    pub fn start(
+        p: Prepared,
+        out: Sender<Judged>,
+        operator: Option<operator::Feed>,
+        telemetry: &Arc<Telemetry>,
+    ) -> Result<Topology> {
         let built_from = (p.valid.clone(), p.thresholds.clone(), p.publisher.clone());
         let c = &p.valid.config;
         let ids: Vec<String> = c.cameras.iter().map(|c| c.id.clone()).collect();
@@ -160,6 +166,7 @@ impl Topology {
             spec,
             model_id: model_id.clone(),
             telemetry: telemetry.clone(),
+            operator,
         };
         let judging = std::thread::Builder::new()
             .name("judging".into())
@@ -238,6 +245,38 @@ impl Topology {
             publisher,
         })
     }
+}
+
+/// Starts, restarts or stops the operator view to match `p`'s configuration; a view
+/// already showing the same cameras with the same settings is kept (its viewers stay).
+pub fn match_view(
+    view: &mut Option<OperatorView>,
+    p: &Prepared,
+    telemetry: &Arc<Telemetry>,
+) -> Result<()> {
+    let c = &p.valid.config;
+    if !c.rtsp.enabled {
+        *view = None;
+        return Ok(());
+    }
+    let cameras: Vec<(String, f64)> = c
+        .cameras
+        .iter()
+        .map(|c| (c.id.clone(), c.max_fps))
+        .collect();
+    let wanted = (c.rtsp.clone(), cameras);
+    if view.as_ref().is_some_and(|v| v.started_with == wanted) {
+        return Ok(());
+    }
+    // The old one releases its port before the new one binds it.
+    *view = None;
+    *view = Some(OperatorView::start(
+        &wanted.0,
+        &p.valid.rtsp_credentials,
+        &wanted.1,
+        telemetry.clone(),
+    )?);
+    Ok(())
 }
 
 /// Waits until `t` has finished or `until` has passed; true if it finished.

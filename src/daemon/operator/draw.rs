@@ -37,9 +37,30 @@ pub fn turbo(x: f32) -> [u8; 3] {
     let (x2, x3) = (x * x, x * x * x);
     let (x4, x5) = (x2 * x2, x2 * x3);
     let poly = |c: [f32; 6]| c[0] + c[1] * x + c[2] * x2 + c[3] * x3 + c[4] * x4 + c[5] * x5;
-    let r = poly([0.135_721_4, 4.615_392_6, -42.660_323, 132.131_08, -152.942_4, 59.286_38]);
-    let g = poly([0.091_402_61, 2.194_188_4, 4.842_966_6, -14.185_033, 4.277_298_6, 2.829_566]);
-    let b = poly([0.106_673_3, 12.641_946, -60.582_05, 110.362_77, -89.903_11, 27.348_25]);
+    let r = poly([
+        0.135_721_4,
+        4.615_392_6,
+        -42.660_323,
+        132.131_08,
+        -152.942_4,
+        59.286_38,
+    ]);
+    let g = poly([
+        0.091_402_61,
+        2.194_188_4,
+        4.842_966_6,
+        -14.185_033,
+        4.277_298_6,
+        2.829_566,
+    ]);
+    let b = poly([
+        0.106_673_3,
+        12.641_946,
+        -60.582_05,
+        110.362_77,
+        -89.903_11,
+        27.348_25,
+    ]);
     [r, g, b].map(|c| (c.clamp(0.0, 1.0) * 255.0).round() as u8)
 }
 
@@ -94,8 +115,8 @@ fn heat(out: &mut RgbImage, p: &Picture) {
             if v >= p.pixel_threshold {
                 let c = heat_colour(v, p.pixel_threshold);
                 let px = out.get_pixel_mut(fx, fy);
-                for i in 0..3 {
-                    px.0[i] = (px.0[i] as f32 * (1.0 - HEAT_ALPHA) + c[i] as f32 * HEAT_ALPHA)
+                for (channel, heat) in px.0.iter_mut().zip(c) {
+                    *channel = (*channel as f32 * (1.0 - HEAT_ALPHA) + heat as f32 * HEAT_ALPHA)
                         .round() as u8;
                 }
             }
@@ -135,8 +156,10 @@ mod tests {
 
     #[test]
     fn turbo_runs_dark_blue_to_dark_red() {
-        let [r0, _, b0] = turbo(0.0);
-        assert!(b0 > r0 + 40, "{:?}", turbo(0.0));
+        // The polynomial's ends: near black at 0, blue by 0.15.
+        assert_eq!(turbo(0.0), [35, 23, 27]);
+        let [r0, _, b0] = turbo(0.15);
+        assert!(b0 > r0 + 80, "{:?}", turbo(0.15));
         let [r1, g1, b1] = turbo(1.0);
         assert!(r1 > 100 && g1 < 40 && b1 < 40, "{:?}", turbo(1.0));
         // The heat range is warm: more red than blue everywhere.
@@ -187,7 +210,11 @@ mod tests {
         let hot = out.get_pixel(115, 45).0;
         assert!(hot[0] > hot[2] + 40, "heat pixel {hot:?}");
         assert_eq!(out.get_pixel(20, 45).0, [100, 100, 100], "outside the crop");
-        assert_eq!(out.get_pixel(100, 80).0, [100, 100, 100], "below the threshold");
+        assert_eq!(
+            out.get_pixel(100, 80).0,
+            [100, 100, 100],
+            "below the threshold"
+        );
         assert_eq!(out.get_pixel(100, 2).0, NG_RED, "banner");
         assert_eq!(out.get_pixel(150, 45).0, BOX_COLOUR, "box edge");
         assert_eq!(out.get_pixel(160, 45).0, [100, 100, 100], "box inside");

@@ -1,0 +1,230 @@
+//! The RTSP server: one mount per camera (`/<camera id>`), shared media (one encoder per
+//! camera however many viewers), fed through appsrc. A mount's appsrc exists only while
+//! its media is prepared, that is while someone watches; without a viewer nothing is
+//! drawn or encoded.
+
+use super::OperatorError;
+use super::config::RtspConfig;
+use gstreamer as gst;
+use gstreamer::glib;
+use gstreamer::prelude::*;
+use gstreamer_app::AppSrc;
+use gstreamer_rtsp_server::prelude::*;
+use gstreamer_rtsp_server::{RTSPAuth, RTSPMediaFactory, RTSPServer, RTSPToken};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Banner text by buffer time: the text of a frame is set on `textoverlay` as that very
+/// frame reaches it (a pad probe), not when the next frame is pushed.
+type Texts = Arc<Mutex<std::collections::BTreeMap<gst::ClockTime, String>>>;
+
+/// The elements of a watched camera's media.
+struct Live {
+    src: AppSrc,
+    texts: Texts,
+    /// The caps last set on `src`: (width, height).
+    size: Option<(u32, u32)>,
+}
+
+/// One camera's mount.
+pub struct Mount {
+    pub id: String,
+    live: Mutex<Option<Live>>,
+}
+
+impl Mount {
+    /// Someone watches this camera.
+    pub fn watched(&self) -> bool {
+        self.live.lock().map(|l| l.is_some()).unwrap_or(false)
+    }
+
+    /// Hands an RGBx frame (`width` x `height`) and its banner text to the stream; false
+    /// when nobody watches (nothing is done).
+    pub fn push(&self, rgbx: Vec<u8>, width: u32, height: u32, text: &str, fps: f64) -> bool {
+        let Ok(mut live) = self.live.lock() else {
+            return false;
+        };
+        let Some(live) = live.as_mut() else {
+            return false;
+        };
+        if live.size != Some((width, height)) {
+            let rate = gst::Fraction::approximate_f64(fps.clamp(1.0, 120.0))
+                .unwrap_or(gst::Fraction::new(30, 1));
+            let caps = gst::Caps::builder("video/x-raw")
+                .field("format", "RGBx")
+                .field("width", width as i32)
+                .field("height", height as i32)
+                .field("framerate", rate)
+                .build();
+            live.src.set_caps(Some(&caps));
+            live.size = Some((width, height));
+        }
+        // The frame's time, set here so that its text can be found by it downstream.
+        let Some(pts) = live.src.current_running_time() else {
+            return false;
+        };
+        if let Ok(mut texts) = live.texts.lock() {
+            texts.insert(pts, text.to_string());
+            while texts.len() > 8 {
+                texts.pop_first();
+            }
+        }
+        let mut buffer = gst::Buffer::from_mut_slice(rgbx);
+        if let Some(b) = buffer.get_mut() {
+            b.set_pts(pts);
+        }
+        live.src.push_buffer(buffer).is_ok()
+    }
+}
+
+/// The RTSP server and its main loop thread.
+pub struct Server {
+    pub mounts: Arc<Vec<Arc<Mount>>>,
+    main_loop: glib::MainLoop,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The gst-launch text of one camera's media. `gop`: frames between key frames.
+pub fn launch(cfg: &RtspConfig, gop: u32) -> String {
+    let size = if cfg.width > 0 && cfg.height > 0 {
+        format!(
+            " ! videoscale ! video/x-raw,width={},height={}",
+            cfg.width, cfg.height
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "( appsrc name=src is-live=true format=time block=false max-buffers=2 leaky-type=downstream \
+         ! videoconvert{size} ! textoverlay name=banner valignment=top halignment=left \
+         font-desc=\"Sans Bold 14\" shaded-background=false ! videoconvert ! {} \
+         ! rtph264pay name=pay0 pt=96 config-interval=-1 )",
+        cfg.encoder.launch(cfg.bitrate_kbps, gop)
+    )
+}
+
+const ROLE: &str = "operator";
+
+impl Server {
+    /// Listens on the configured address and mounts `/<id>` for each camera. `fps` is
+    /// each camera's nominal rate (for the key-frame interval).
+    pub fn start(
+        cfg: &RtspConfig,
+        credentials: &BTreeMap<String, String>,
+        cameras: &[(String, f64)],
+    ) -> Result<Server, OperatorError> {
+        let context = glib::MainContext::new();
+        let server = RTSPServer::new();
+        server.set_address(&cfg.address);
+        server.set_service(&cfg.port.to_string());
+        if !credentials.is_empty() {
+            let auth = RTSPAuth::new();
+            let token = RTSPToken::builder()
+                .field(gstreamer_rtsp_server::RTSP_TOKEN_MEDIA_FACTORY_ROLE, ROLE)
+                .build();
+            // Digest only: the password never crosses the network in clear (basic
+            // would send it base64-encoded on every request).
+            for (user, pass) in credentials {
+                auth.add_digest(user, pass, &token);
+            }
+            auth.set_supported_methods(gstreamer_rtsp_server::gst_rtsp::RTSPAuthMethod::Digest);
+            server.set_auth(Some(&auth));
+        }
+        let points = server
+            .mount_points()
+            .ok_or_else(|| OperatorError::Rtsp("the server has no mount points".into()))?;
+        let mut mounts = Vec::new();
+        for (id, fps) in cameras {
+            let gop = (cfg.keyframe_interval_s * fps).ceil().max(1.0) as u32;
+            let factory = RTSPMediaFactory::new();
+            factory.set_launch(&launch(cfg, gop));
+            factory.set_shared(true);
+            if !credentials.is_empty() {
+                factory.add_role_from_structure(
+                    &gst::Structure::builder(ROLE)
+                        .field(gstreamer_rtsp_server::RTSP_PERM_MEDIA_FACTORY_ACCESS, true)
+                        .field(
+                            gstreamer_rtsp_server::RTSP_PERM_MEDIA_FACTORY_CONSTRUCT,
+                            true,
+                        )
+                        .build(),
+                );
+            }
+            let mount = Arc::new(Mount {
+                id: id.clone(),
+                live: Mutex::new(None),
+            });
+            let m = mount.clone();
+            factory.connect_media_configure(move |_, media| {
+                let Some(bin) = media.element().downcast::<gst::Bin>().ok() else {
+                    return;
+                };
+                let src = bin.by_name("src").and_then(|e| e.downcast::<AppSrc>().ok());
+                let banner = bin.by_name("banner");
+                if let (Some(src), Some(banner), Ok(mut live)) = (src, banner, m.live.lock()) {
+                    let texts = Texts::default();
+                    let found = texts.clone();
+                    // Weak: the probe lives on the element's own pad.
+                    let overlay = banner.downgrade();
+                    if let Some(pad) = banner.static_pad("video_sink") {
+                        pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+                            let pts = info.buffer().and_then(|b| b.pts());
+                            let text = pts.and_then(|t| found.lock().ok()?.remove(&t));
+                            if let (Some(text), Some(o)) = (text, overlay.upgrade()) {
+                                o.set_property("text", text);
+                            }
+                            gst::PadProbeReturn::Ok
+                        });
+                    }
+                    *live = Some(Live {
+                        src,
+                        texts,
+                        size: None,
+                    });
+                    tracing::info!(camera = %m.id, "operator view: a viewer connected");
+                }
+                let gone = m.clone();
+                media.connect_unprepared(move |_| {
+                    if let Ok(mut live) = gone.live.lock() {
+                        *live = None;
+                    }
+                    tracing::info!(camera = %gone.id, "operator view: no viewer left");
+                });
+            });
+            points.add_factory(&format!("/{id}"), factory);
+            mounts.push(mount);
+        }
+        let source = context
+            .with_thread_default(|| server.attach(Some(&context)))
+            .map_err(|e| OperatorError::Rtsp(e.to_string()))?
+            .map_err(|_| OperatorError::Listen {
+                address: cfg.address.clone(),
+                port: cfg.port,
+            })?;
+        let main_loop = glib::MainLoop::new(Some(&context), false);
+        let l = main_loop.clone();
+        let thread = std::thread::Builder::new()
+            .name("rtsp".into())
+            .spawn(move || {
+                let _ = context.with_thread_default(|| l.run());
+                source.remove();
+                drop(server);
+            })
+            .map_err(OperatorError::Thread)?;
+        Ok(Server {
+            mounts: Arc::new(mounts),
+            main_loop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.main_loop.quit();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
