@@ -18,6 +18,7 @@ pub mod config;
 pub mod http;
 pub mod inference;
 pub mod judging;
+mod malloc;
 pub mod operator;
 pub mod prometheus;
 pub mod publish;
@@ -109,6 +110,7 @@ fn status_line(t: &Telemetry) -> String {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(opts: &RunOptions) -> Result<()> {
+    malloc::limit_arenas();
     gst::init().map_err(DaemonError::Gstreamer)?;
     let prepared = prepare(opts)?;
     let signals = signal_hook::iterator::Signals::new([
@@ -167,6 +169,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
                 view: &mut view,
             };
             apply_reload(opts, &mut topology, outputs, &telemetry, &listen)?;
+            malloc::give_back();
             notify(&[
                 NotifyState::Ready,
                 NotifyState::Status(&status_line(&telemetry)),
