@@ -39,12 +39,18 @@ fn counter(http: u16, name: &str) -> f64 {
         .unwrap_or(-1.0)
 }
 
+/// A daemon on a looping folder camera, once /healthz says ok.
+fn healthy_daemon(dir: &std::path::Path) -> (Rig, Daemon) {
+    let rig = folder_rig(dir, 5, true, "");
+    let d = Daemon::start(&rig.config, &dir.join("cras.log"), &[]);
+    wait_for(60.0, "/healthz to say ok", || healthy(rig.http));
+    (rig, d)
+}
+
 #[test]
 fn health_is_served_while_other_clients_misbehave() {
     let dir = tempfile::tempdir().unwrap();
-    let rig = folder_rig(dir.path(), 5, true, "");
-    let d = Daemon::start(&rig.config, &dir.path().join("cras.log"), &[]);
-    wait_for(60.0, "/healthz to say ok", || healthy(rig.http));
+    let (rig, d) = healthy_daemon(dir.path());
 
     // Pipelines 2000 requests for /metrics and never reads an answer.
     let mut greedy = connect(rig.http);
@@ -112,9 +118,7 @@ fn health_is_served_while_other_clients_misbehave() {
 #[test]
 fn running_out_of_file_descriptors_pauses_accepting_only() {
     let dir = tempfile::tempdir().unwrap();
-    let rig = folder_rig(dir.path(), 5, true, "");
-    let d = Daemon::start(&rig.config, &dir.path().join("cras.log"), &[]);
-    wait_for(60.0, "/healthz to say ok", || healthy(rig.http));
+    let (rig, d) = healthy_daemon(dir.path());
     let pid = d.pid();
     // Lower the running daemon's descriptor limit to what it uses plus a few.
     let open = std::fs::read_dir(format!("/proc/{pid}/fd"))

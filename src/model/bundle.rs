@@ -267,12 +267,12 @@ impl BundleMeta {
         let sig = crate::onnx::signature::read(onnx).map_err(|e| e.to_string())?;
         let (h, w) = (self.input.height as i64, self.input.width as i64);
         let [rows, cols] = self.patch_grid.map(|v| v as i64);
-        let expect = |port: Option<&crate::onnx::signature::Port>, name: &str, want: &[i64]| {
+        let fits = |port: Option<&crate::onnx::signature::Port>, name: &str, want: &[i64]| {
             let port = port.ok_or_else(|| format!("it has no `{name}`"))?;
             let found = &port.dims;
-            let fits = found.len() == want.len() + 1
+            let same = found.len() == want.len() + 1
                 && found[1..].iter().zip(want).all(|(f, w)| *f == Some(*w));
-            if fits {
+            if same {
                 Ok(())
             } else {
                 let shown: Vec<String> = found
@@ -289,9 +289,9 @@ impl BundleMeta {
                 ))
             }
         };
-        expect(sig.input("image"), "image", &[3, h, w])?;
-        expect(sig.output("anomaly_map"), "anomaly_map", &[1, h, w])?;
-        expect(sig.output("patch_scores"), "patch_scores", &[rows, cols])
+        fits(sig.input("image"), "image", &[3, h, w])?;
+        fits(sig.output("anomaly_map"), "anomaly_map", &[1, h, w])?;
+        fits(sig.output("patch_scores"), "patch_scores", &[rows, cols])
     }
 }
 

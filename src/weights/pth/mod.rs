@@ -57,7 +57,7 @@ fn tensors(p: &Pickle, storages: &mut dyn Storages) -> Result<BTreeMap<String, T
             }
             ("torch._utils", "_rebuild_parameter") => {
                 if let Some(&inner) = p.tuple(call.args).and_then(|a| a.first()) {
-                    push_entries(p, &prefix, &[], depth, &mut work, &mut entries)?;
+                    descend(&prefix, depth, &mut entries, 1)?;
                     work.push((prefix, inner, depth + 1));
                 }
             }
@@ -75,6 +75,22 @@ fn tensors(p: &Pickle, storages: &mut dyn Storages) -> Result<BTreeMap<String, T
     Ok(out)
 }
 
+/// Counts `n` more entries one level below `depth`, against the depth and entry limits.
+fn descend(prefix: &str, depth: usize, entries: &mut usize, n: usize) -> Result<(), Malformed> {
+    if depth >= MAX_DEPTH {
+        return Err(Malformed(format!(
+            "`{prefix}`: dicts nested more than {MAX_DEPTH} deep (a crafted file?)"
+        )));
+    }
+    *entries += n.max(1);
+    if *entries > MAX_ENTRIES {
+        return Err(Malformed(format!(
+            "more than {MAX_ENTRIES} dict entries (a crafted file?)"
+        )));
+    }
+    Ok(())
+}
+
 /// Queues a dict's entries under `prefix`, counting them against the limits.
 fn push_entries(
     p: &Pickle,
@@ -84,17 +100,7 @@ fn push_entries(
     work: &mut Vec<(String, Id, usize)>,
     entries: &mut usize,
 ) -> Result<(), Malformed> {
-    if depth >= MAX_DEPTH {
-        return Err(Malformed(format!(
-            "`{prefix}`: dicts nested more than {MAX_DEPTH} deep (a crafted file?)"
-        )));
-    }
-    *entries += items.len().max(1);
-    if *entries > MAX_ENTRIES {
-        return Err(Malformed(format!(
-            "more than {MAX_ENTRIES} dict entries (a crafted file?)"
-        )));
-    }
+    descend(prefix, depth, entries, items.len())?;
     for &(k, v) in items.iter().rev() {
         let key = match p.get(k) {
             Value::Str(s) => s.clone(),
