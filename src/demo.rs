@@ -16,6 +16,8 @@ pub struct DemoOptions {
     pub http: String,
     pub epochs: usize,
     pub fps: u32,
+    /// Port of the operator's live view (0: off).
+    pub rtsp_port: u16,
 }
 
 /// The shipped capture templates, so the demo folder is self-contained.
@@ -121,6 +123,7 @@ pub fn prepare(opts: &DemoOptions) -> Result<PathBuf> {
         std::fs::write(&file, text).map_err(PathError::on("write", &file))?;
     }
     let config = dir.join("config.yaml");
+    let outputs = outputs(opts.rtsp_port);
     std::fs::write(
         &config,
         format!(
@@ -133,6 +136,7 @@ pub fn prepare(opts: &DemoOptions) -> Result<PathBuf> {
              mqtt: {{url: \"{broker}\", client_id: cras-demo, result_rate_hz: 1, health_interval_s: 10}}\n\
              spool: {{dir: spool}}\n\
              http: {{listen: \"{http}\"}}\n\
+             {outputs}\
              logging: {{level: info}}\n",
             frames = frames.display(),
             fps = opts.fps,
@@ -142,6 +146,24 @@ pub fn prepare(opts: &DemoOptions) -> Result<PathBuf> {
     )
     .map_err(PathError::on("write", &config))?;
     Ok(config)
+}
+
+/// The config lines of the live view and the evidence store: on when this machine has
+/// their GStreamer plugins, else off with a line saying which package is missing.
+fn outputs(rtsp_port: u16) -> String {
+    use crate::daemon::operator::{config::Encoder, still};
+    let mut lines = String::new();
+    let _ = gstreamer::init();
+    match (rtsp_port, Encoder::X264.missing_elements()) {
+        (0, _) => {}
+        (port, None) => lines.push_str(&format!("rtsp: {{enabled: true, port: {port}}}\n")),
+        (_, Some(why)) => eprintln!("cras demo: the live view stays off: {why}"),
+    }
+    match still::missing_elements() {
+        None => lines.push_str("evidence: {enabled: true, dir: evidence}\n"),
+        Some(why) => eprintln!("cras demo: the evidence store stays off: {why}"),
+    }
+    lines
 }
 
 /// Numbered frames from the test split: a good part, then a defective one, in turn.
@@ -181,15 +203,30 @@ fn lay_out_frames(data: &Path, frames: &Path) -> Result<()> {
 /// What to look at while the demo runs.
 pub fn guide(opts: &DemoOptions, config: &Path) -> String {
     let topic = "cras/demo/station1/#";
-    format!(
+    let text = std::fs::read_to_string(config).unwrap_or_default();
+    let mut out = format!(
         "\ncras demo: the daemon runs on {config} (Ctrl-C stops it; run again to restart at once).\n\
-         \x20 verdicts:  the log lines below (ANOMALOUS ... for defective parts)\n\
-         \x20 metrics:   curl http://{http}/metrics    health: curl -i http://{http}/healthz\n\
-         \x20 MQTT:      mosquitto_sub -h HOST -t '{topic}' -v   (broker {broker})\n\
-         \x20            without a broker alarms wait in {spool} and are sent once one is there\n",
+         \x20 verdicts:   the log lines below (ANOMALOUS ... for defective parts)\n\
+         \x20 metrics:    curl http://{http}/metrics    health: curl -i http://{http}/healthz\n\
+         \x20 MQTT:       mosquitto_sub -h HOST -t '{topic}' -v   (broker {broker})\n\
+         \x20             without a broker alarms wait in {spool} and are sent once one is there\n\
+         \x20 last frame: http://{http}/cameras/cam1/latest.jpg\n",
         config = config.display(),
         http = opts.http,
         broker = opts.broker,
         spool = opts.dir.join("spool").display(),
-    )
+    );
+    if text.contains("rtsp: {enabled: true") {
+        out.push_str(&format!(
+            "  live view:  ffplay -rtsp_transport tcp rtsp://127.0.0.1:{}/cam1   (or VLC)\n",
+            opts.rtsp_port
+        ));
+    }
+    if text.contains("evidence: {enabled: true") {
+        out.push_str(&format!(
+            "  evidence:   {}/<UTC date>/cam1/<alarm>.{{jpg,overlay.jpg,map.png,json}}\n",
+            opts.dir.join("evidence").display()
+        ));
+    }
+    out
 }

@@ -23,6 +23,9 @@ pub struct DemoArgs {
     /// Frames per second the demo camera plays
     #[arg(long, default_value_t = 2)]
     pub fps: u32,
+    /// Port of the operator's live view, rtsp://127.0.0.1:PORT/cam1 (0: off)
+    #[arg(long, value_name = "PORT", default_value_t = 8554)]
+    pub rtsp_port: u16,
     /// Prepare everything and validate the config, but do not start the daemon
     #[arg(long)]
     pub prepare_only: bool,
@@ -36,6 +39,7 @@ impl DemoArgs {
             http: self.http,
             epochs: self.epochs.max(1),
             fps: self.fps.max(1),
+            rtsp_port: self.rtsp_port,
         };
         let config = cras::demo::prepare(&opts)?;
         let pipelines = templates_dir(None, &config);

@@ -1,7 +1,8 @@
 //! The daemon's configuration (`config.yaml`): every key documented in the shipped
 //! `config.yaml`, unknown keys rejected. Each section belongs to the stage that uses it
 //! and is validated there (cameras in `capture`, model and batching in `inference`,
-//! mqtt in `publish::connection`, spool in `publish::spool`, http in `http`);
+//! mqtt in `publish::connection`, spool in `publish::spool`, http in `http`, rtsp in
+//! `operator::config`, evidence in `evidence`);
 //! [`Config::validate`] runs them all, for `check-config` and `cras run` alike, so a
 //! configuration that passes the check does not fail at start for a knowable reason.
 //! YAML is read with serde-saphyr.
@@ -29,6 +30,8 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub rtsp: super::operator::config::RtspConfig,
+    #[serde(default)]
+    pub evidence: super::evidence::EvidenceConfig,
     #[serde(default)]
     pub logging: LoggingConfig,
 }
@@ -237,6 +240,7 @@ impl Config {
         self.spool.validate(base).map_err(found)?;
         self.http.validate().map_err(found)?;
         let rtsp_credentials = self.rtsp.validate(base).map_err(found)?;
+        self.evidence.validate(base).map_err(found)?;
         self.logging.validate().map_err(found)?;
         Ok(ValidConfig {
             config: self,

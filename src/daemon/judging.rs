@@ -4,6 +4,9 @@
 
 use super::inference::Inferred;
 use super::telemetry::{CameraTelemetry, Latency, Stage, Telemetry};
+use crate::daemon::evidence::{Pending, Sink};
+use crate::daemon::operator::gallery::Gallery;
+use crate::daemon::operator::{Feed, Scene, Shot};
 use crate::daemon::publish::payload::StageLatencies;
 use crate::daemon::regions::{CropGeometry, Verdict, judge};
 use crate::model::bundle::ClassThresholds;
@@ -26,6 +29,19 @@ pub struct Judged {
     pub verdict: Verdict,
     pub model_id: String,
     pub latency: StageLatencies,
+    /// The pictures of an anomalous frame, for the evidence store when it is on.
+    pub evidence: Option<Pending>,
+}
+
+/// Where judged frames are shown besides the publisher.
+#[derive(Clone)]
+pub struct Views {
+    /// The operator's live view, when it is on.
+    pub live: Option<Feed>,
+    /// The last frame of each camera, for `latest.jpg`.
+    pub gallery: Arc<Gallery>,
+    /// The evidence store, when it is on.
+    pub evidence: Option<Sink>,
 }
 
 pub struct JudgingStage {
@@ -39,8 +55,7 @@ pub struct JudgingStage {
     pub spec: InputSpec,
     pub model_id: String,
     pub telemetry: Arc<Telemetry>,
-    /// The operator view, when it is on.
-    pub operator: Option<super::operator::Feed>,
+    pub views: Views,
 }
 
 /// How often each camera's frame counts are logged.
@@ -125,18 +140,32 @@ impl JudgingStage {
                     verdict.threshold
                 );
             }
-            if let Some(feed) = self.operator.as_ref().filter(|f| f.wants(r.camera)) {
-                feed.offer(super::operator::Scene {
+            let shot = Arc::new(Shot {
+                camera: cam.id.clone(),
+                frame_number: r.number,
+                captured_ms: r.captured_ms,
+                frame: r.image,
+                map: r.map,
+                map_hw: r.map_hw,
+                geometry,
+                pixel_threshold: t.pixel.unwrap_or(t.image),
+                class: class.clone(),
+                verdict: verdict.clone(),
+            });
+            if let Some(feed) = self.views.live.as_ref().filter(|f| f.wants(r.camera)) {
+                feed.offer(Scene {
                     camera: r.camera,
-                    frame: r.image,
-                    map: r.map,
-                    map_hw: r.map_hw,
-                    geometry,
-                    pixel_threshold: t.pixel.unwrap_or(t.image),
-                    class: class.clone(),
-                    verdict: verdict.clone(),
+                    shot: shot.clone(),
                 });
             }
+            let evidence = match &self.views.evidence {
+                Some(sink) if verdict.anomalous => Some(Pending {
+                    shot: shot.clone(),
+                    sink: sink.clone(),
+                }),
+                _ => None,
+            };
+            self.views.gallery.show(shot);
             let judged = Judged {
                 camera: cam.id.clone(),
                 frame: r.number,
@@ -151,6 +180,7 @@ impl JudgingStage {
                     inference_ms: round3(r.inference_ms),
                     judging_ms: round3(judging_ms),
                 },
+                evidence,
             };
             if self.out.send(judged).is_err() {
                 break;

@@ -15,6 +15,7 @@
 
 pub mod capture;
 pub mod config;
+pub mod evidence;
 pub mod http;
 pub mod inference;
 pub mod judging;
@@ -34,7 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use telemetry::Telemetry;
-pub use topology::{Dead, Prepared, Topology, match_view, prepare};
+pub use topology::{Dead, Prepared, Topology, match_evidence, match_view, prepare};
 
 /// Why the daemon could not start, or could not apply a reload.
 #[derive(Debug, thiserror::Error)]
@@ -121,19 +122,32 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     .map_err(DaemonError::Signals)?;
     let mut signals = signals;
     let telemetry = Arc::new(Telemetry::new());
+    let gallery = Arc::new(operator::gallery::Gallery::default());
     let listen = prepared.valid.config.http.listen.clone();
-    let http = http::HttpServer::start(&listen, telemetry.clone())?;
+    let http = http::HttpServer::start(&listen, telemetry.clone(), gallery.clone())?;
     tracing::info!(
         "metrics on http://{}/metrics, health on http://{}/healthz",
         http.addr,
         http.addr
     );
-    let mut publisher = Publisher::start(prepared.publisher.clone(), telemetry.clone())?;
+    let publisher = Publisher::start(prepared.publisher.clone(), telemetry.clone())?;
     log_start(&prepared);
     let mut view = None;
+    let mut evidence = None;
     match_view(&mut view, &prepared, &telemetry)?;
-    let feed = view.as_ref().map(|v: &operator::OperatorView| v.feed());
-    let mut topology = Topology::start(prepared, publisher.sender(), feed, &telemetry)?;
+    match_evidence(&mut evidence, &prepared, &telemetry, &gallery)?;
+    let mut outputs = Outputs {
+        publisher,
+        view,
+        evidence,
+        gallery,
+    };
+    let mut topology = Topology::start(
+        prepared,
+        outputs.publisher.sender(),
+        outputs.views(),
+        &telemetry,
+    )?;
     notify(&[
         NotifyState::Ready,
         NotifyState::Status(&status_line(&telemetry)),
@@ -164,11 +178,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
                 NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
             ]);
             tracing::info!("SIGHUP: reloading {}", opts.config.display());
-            let outputs = Outputs {
-                publisher: &mut publisher,
-                view: &mut view,
-            };
-            apply_reload(opts, &mut topology, outputs, &telemetry, &listen)?;
+            apply_reload(opts, &mut topology, &mut outputs, &telemetry, &listen)?;
             malloc::give_back();
             notify(&[
                 NotifyState::Ready,
@@ -191,7 +201,8 @@ pub fn run(opts: &RunOptions) -> Result<()> {
             }
         }
         if let Some(dead) = topology.dead(&telemetry).or_else(|| {
-            publisher
+            outputs
+                .publisher
                 .has_stopped()
                 .then_some(Dead::Stage(telemetry::Stage::Publish))
         }) {
@@ -207,7 +218,9 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     tracing::info!("stopping: capture off, finishing frames in flight, flushing alarms");
     notify(&[NotifyState::Stopping]);
     topology.stop();
-    publisher.stop(opts.flush);
+    outputs.publisher.stop(opts.flush);
+    // The evidence writer finishes the sets it has queued.
+    drop(outputs);
     drop(http);
     tracing::info!("stopped");
     // A stage that died ends the process with an error, so that the service manager
@@ -218,10 +231,39 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     }
 }
 
-/// What the stages feed: the publisher and, when on, the operator view.
-struct Outputs<'a> {
-    publisher: &'a mut Publisher,
-    view: &'a mut Option<operator::OperatorView>,
+/// What the stages feed: the publisher and, when on, the operator view and the evidence
+/// store; the gallery behind `latest.jpg`.
+struct Outputs {
+    publisher: Publisher,
+    view: Option<operator::OperatorView>,
+    evidence: Option<evidence::EvidenceStore>,
+    gallery: Arc<operator::gallery::Gallery>,
+}
+
+impl Outputs {
+    fn views(&self) -> judging::Views {
+        judging::Views {
+            live: self.view.as_ref().map(|v| v.feed()),
+            gallery: self.gallery.clone(),
+            evidence: self.evidence.as_ref().map(|e| e.sink()),
+        }
+    }
+
+    /// Starts the publisher (when its settings changed), the operator view and the
+    /// evidence store (when theirs did) for `p`.
+    fn match_config(
+        &mut self,
+        p: &Prepared,
+        flush: Duration,
+        telemetry: &Arc<Telemetry>,
+    ) -> Result<()> {
+        if self.publisher.has_stopped() || self.publisher.settings.differs(&p.publisher) {
+            self.publisher.stop(flush);
+            self.publisher = Publisher::start(p.publisher.clone(), telemetry.clone())?;
+        }
+        match_view(&mut self.view, p, telemetry)?;
+        match_evidence(&mut self.evidence, p, telemetry, &self.gallery)
+    }
 }
 
 /// SIGHUP: the new configuration and model are checked and loaded first; a rejected one
@@ -231,7 +273,7 @@ struct Outputs<'a> {
 fn apply_reload(
     opts: &RunOptions,
     topology: &mut Topology,
-    out: Outputs,
+    out: &mut Outputs,
     telemetry: &Arc<Telemetry>,
     listen: &str,
 ) -> Result<()> {
@@ -243,19 +285,13 @@ fn apply_reload(
         }
     };
     let old = topology.stop();
-    let Outputs { publisher, view } = out;
-    if let Err(e) = switch_to(p, opts, topology, publisher, view, telemetry, listen) {
+    if let Err(e) = switch_to(p, opts, topology, out, telemetry, listen) {
         reload_rejected(telemetry, &e, "starting the previous configuration again");
         // Without the previous configuration (its engine died with its thread) the
         // daemon ends with the error and the service manager restarts it.
         let old = old.ok_or(e)?;
-        if publisher.has_stopped() || publisher.settings.differs(&old.publisher) {
-            publisher.stop(opts.flush);
-            *publisher = Publisher::start(old.publisher.clone(), telemetry.clone())?;
-        }
-        match_view(view, &old, telemetry)?;
-        let feed = view.as_ref().map(|v| v.feed());
-        *topology = Topology::start(old, publisher.sender(), feed, telemetry)?;
+        out.match_config(&old, opts.flush, telemetry)?;
+        *topology = Topology::start(old, out.publisher.sender(), out.views(), telemetry)?;
         return Ok(());
     }
     telemetry.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -267,23 +303,19 @@ fn apply_reload(
     Ok(())
 }
 
-/// Starts the publisher (when its settings changed), the operator view (when its
-/// settings or cameras changed) and the stages of `p`.
+/// Starts what `p` changed among the outputs, then the stages of `p`.
 fn switch_to(
     p: Prepared,
     opts: &RunOptions,
     topology: &mut Topology,
-    publisher: &mut Publisher,
-    view: &mut Option<operator::OperatorView>,
+    out: &mut Outputs,
     telemetry: &Arc<Telemetry>,
     listen: &str,
 ) -> Result<()> {
-    if publisher.settings.differs(&p.publisher) {
+    if out.publisher.settings.differs(&p.publisher) {
         tracing::info!("MQTT or spool settings changed: reconnecting");
-        publisher.stop(opts.flush);
-        *publisher = Publisher::start(p.publisher.clone(), telemetry.clone())?;
     }
-    match_view(view, &p, telemetry)?;
+    out.match_config(&p, opts.flush, telemetry)?;
     if p.valid.config.http.listen != listen {
         tracing::warn!(
             "http.listen changed to {}; it takes effect at the next start",
@@ -291,8 +323,7 @@ fn switch_to(
         );
     }
     log_start(&p);
-    let feed = view.as_ref().map(|v| v.feed());
-    *topology = Topology::start(p, publisher.sender(), feed, telemetry)?;
+    *topology = Topology::start(p, out.publisher.sender(), out.views(), telemetry)?;
     Ok(())
 }
 

@@ -136,7 +136,7 @@ fn latencies(o: &mut String, t: &Telemetry) {
 }
 
 /// Device-wide metrics (name, type, help), in the order of [`total_values`].
-const TOTALS: [(&str, &str, &str); 14] = [
+const TOTALS: [(&str, &str, &str); 19] = [
     ("alarms_total", "counter", "Alarms raised."),
     (
         "alarms_acknowledged_total",
@@ -186,6 +186,27 @@ const TOTALS: [(&str, &str, &str); 14] = [
         "Operator-view frames dropped because drawing was behind.",
     ),
     (
+        "evidence_written_total",
+        "counter",
+        "Alarm evidence sets written (frame, map, overlay, payload).",
+    ),
+    (
+        "evidence_dropped_total",
+        "counter",
+        "Alarm evidence sets dropped because the writer was behind (the alarm was sent).",
+    ),
+    (
+        "evidence_failed_total",
+        "counter",
+        "Alarm evidence sets that could not be written (disk, encoding).",
+    ),
+    (
+        "evidence_removed_total",
+        "counter",
+        "Alarm evidence sets removed by retention (size or age).",
+    ),
+    ("evidence_bytes", "gauge", "Bytes in the evidence store."),
+    (
         "http_refused_total",
         "counter",
         "HTTP connections closed at once: the server was at its connection limit.",
@@ -212,6 +233,11 @@ fn total_values(t: &Telemetry) -> [u64; TOTALS.len()] {
         ld(&t.reloads_failed),
         ld(&t.overlay_frames),
         ld(&t.overlay_dropped),
+        ld(&t.evidence.written),
+        ld(&t.evidence.dropped),
+        ld(&t.evidence.failed),
+        ld(&t.evidence.removed),
+        ld(&t.evidence.bytes),
         ld(&t.http_refused),
         ld(&t.http_accept_errors),
     ]

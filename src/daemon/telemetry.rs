@@ -199,6 +199,8 @@ pub struct Telemetry {
     /// drawing was behind.
     pub overlay_frames: AtomicU64,
     pub overlay_dropped: AtomicU64,
+    /// The evidence store's counters (shared with its writer thread).
+    pub evidence: Arc<super::evidence::EvidenceCounters>,
     /// HTTP connections closed on accept because the server was at its limit.
     pub http_refused: AtomicU64,
     /// Failed accepts (out of file descriptors or memory); the server retries.
@@ -239,6 +241,7 @@ impl Telemetry {
             last_reload_error: Mutex::new(None),
             overlay_frames: AtomicU64::new(0),
             overlay_dropped: AtomicU64::new(0),
+            evidence: Default::default(),
             http_refused: AtomicU64::new(0),
             http_accept_errors: AtomicU64::new(0),
             changed: AtomicBool::new(false),

@@ -4,9 +4,11 @@
 
 use super::capture;
 use super::config::{Config, ValidConfig};
+use super::evidence::EvidenceStore;
 use super::inference;
 use super::judging::{self, Judged};
-use super::operator::{self, OperatorView};
+use super::operator::OperatorView;
+use super::operator::gallery::Gallery;
 use super::publish::PublisherSettings;
 use super::telemetry::{self, CameraState, CameraTelemetry, Telemetry};
 use super::{DaemonError, Result, RunOptions};
@@ -99,13 +101,14 @@ impl Topology {
     pub fn start(
         p: Prepared,
         out: Sender<Judged>,
-        operator: Option<operator::Feed>,
+        views: judging::Views,
         telemetry: &Arc<Telemetry>,
     ) -> Result<Topology> {
         let built_from = (p.valid.clone(), p.thresholds.clone(), p.publisher.clone());
         let c = &p.valid.config;
         let ids: Vec<String> = c.cameras.iter().map(|c| c.id.clone()).collect();
         let cams = telemetry.set_cameras(&ids);
+        views.gallery.keep_only(&ids);
         let spec = p.valid.bundle.meta.input.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let mut captures = Vec::new();
@@ -166,7 +169,7 @@ impl Topology {
             spec,
             model_id: model_id.clone(),
             telemetry: telemetry.clone(),
-            operator,
+            views,
         };
         let judging = std::thread::Builder::new()
             .name("judging".into())
@@ -276,6 +279,32 @@ pub fn match_view(
         &wanted.1,
         telemetry.clone(),
     )?);
+    Ok(())
+}
+
+/// Starts, restarts or stops the evidence store to match `p`'s configuration (a store
+/// with unchanged settings keeps running), and tells `gallery` where it is.
+pub fn match_evidence(
+    store: &mut Option<EvidenceStore>,
+    p: &Prepared,
+    telemetry: &Telemetry,
+    gallery: &Gallery,
+) -> Result<()> {
+    let c = &p.valid.config.evidence;
+    if !c.enabled {
+        *store = None;
+        gallery.set_evidence_root(None);
+        return Ok(());
+    }
+    if store.as_ref().is_none_or(|s| s.config != *c) {
+        // The old writer finishes what it has queued first.
+        *store = None;
+        *store = Some(
+            EvidenceStore::start(c, telemetry.evidence.clone())
+                .map_err(|e| DaemonError::Thread("evidence".into(), e))?,
+        );
+    }
+    gallery.set_evidence_root(Some(c.dir.clone()));
     Ok(())
 }
 

@@ -300,15 +300,30 @@ impl Drop for Daemon {
 
 /// GET on the daemon's HTTP endpoint: (status, body).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let (status, _, body) = http_get_bytes(port, path)?;
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// GET on the daemon's HTTP endpoint, the path sent as it is: (status, content type, body).
+pub fn http_get_bytes(port: u16, path: &str) -> Option<(u16, String, Vec<u8>)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
-    Some((status, body))
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    Some((status, content_type, raw[split + 4..].to_vec()))
 }
 
 /// The value of an unlabelled or labelled sample in Prometheus text.

@@ -1,5 +1,7 @@
-//! The integrator's HTTP endpoints: `/metrics` (Prometheus text) and `/healthz` (200
-//! only when every camera is running and a model is loaded; the body says why not).
+//! The integrator's HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (200
+//! only when every camera is running and a model is loaded; the body says why not),
+//! `/cameras/<id>/latest.jpg` (the last judged frame, drawn) and `/evidence/...` (the
+//! evidence store's files, read-only, no listing).
 //!
 //! Served by hyper on a single-threaded tokio runtime in its own thread, with bounds a
 //! misbehaving or hostile local client cannot get past: [`MAX_CONNECTIONS`] at once
@@ -11,6 +13,7 @@ mod routes;
 mod serve;
 
 use super::config::Invalid;
+use super::operator::gallery::Gallery;
 use super::telemetry::Telemetry;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -23,6 +26,9 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Time for a client to send a request's headers, the first or the next on a kept-alive
 /// connection.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Threads answering requests (a JPEG encode or a file read may take milliseconds);
+/// requests beyond them wait their turn.
+pub const BLOCKING_THREADS: usize = 2;
 /// The longest a connection lives, however slowly its client reads.
 pub const CONNECTION_TIME: Duration = Duration::from_secs(30);
 
@@ -75,7 +81,11 @@ pub struct HttpServer {
 
 impl HttpServer {
     /// Binds `listen` (errors are the caller's, at start) and serves in a thread.
-    pub fn start(listen: &str, telemetry: Arc<Telemetry>) -> Result<HttpServer, HttpError> {
+    pub fn start(
+        listen: &str,
+        telemetry: Arc<Telemetry>,
+        gallery: Arc<Gallery>,
+    ) -> Result<HttpServer, HttpError> {
         let refused = |e: std::io::Error| HttpError::Listen {
             listen: listen.to_string(),
             reason: e.to_string(),
@@ -86,12 +96,16 @@ impl HttpServer {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
+            .max_blocking_threads(BLOCKING_THREADS)
             .build()
             .map_err(HttpError::Thread)?;
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("http".into())
-            .spawn(move || runtime.block_on(serve::accept_loop(listener, telemetry, stopped)))
+            .spawn(move || {
+                let sources = Arc::new(routes::Sources { telemetry, gallery });
+                runtime.block_on(serve::accept_loop(listener, sources, stopped))
+            })
             .map_err(HttpError::Thread)?;
         Ok(HttpServer {
             addr,

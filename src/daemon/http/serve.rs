@@ -1,7 +1,6 @@
 //! The accept loop and one connection, on the HTTP thread's tokio runtime.
 
-use super::super::telemetry::Telemetry;
-use super::routes::{Reply, route};
+use super::routes::{Reply, Sources, route};
 use super::{CONNECTION_TIME, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -19,7 +18,7 @@ const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 pub async fn accept_loop(
     listener: std::net::TcpListener,
-    telemetry: Arc<Telemetry>,
+    sources: Arc<Sources>,
     mut stop: oneshot::Receiver<()>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -39,21 +38,27 @@ pub async fn accept_loop(
         match accepted {
             Ok((socket, _)) => match permits.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    let telemetry = telemetry.clone();
+                    let sources = sources.clone();
                     tokio::spawn(async move {
-                        connection(socket, telemetry).await;
+                        connection(socket, sources).await;
                         drop(permit);
                     });
                 }
                 Err(_) => {
                     // Closing it at once is the cheapest answer; the limit is logged
                     // through the counter, not per connection.
-                    telemetry.http_refused.fetch_add(1, Ordering::Relaxed);
+                    sources
+                        .telemetry
+                        .http_refused
+                        .fetch_add(1, Ordering::Relaxed);
                 }
             },
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS and friends: the listener stays, we wait a little.
-                telemetry.http_accept_errors.fetch_add(1, Ordering::Relaxed);
+                sources
+                    .telemetry
+                    .http_accept_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 if last_error_log.is_none_or(|at| at.elapsed() >= ERROR_LOG_EVERY) {
                     tracing::warn!("http: cannot accept a connection ({e}); retrying");
                     last_error_log = Some(Instant::now());
@@ -64,11 +69,21 @@ pub async fn accept_loop(
     }
 }
 
-async fn connection(socket: tokio::net::TcpStream, telemetry: Arc<Telemetry>) {
+async fn connection(socket: tokio::net::TcpStream, sources: Arc<Sources>) {
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-        let reply = route(req.method().as_str(), req.uri().path(), &telemetry);
+        let (method, path) = (req.method().to_string(), req.uri().path().to_string());
         let head_only = req.method() == hyper::Method::HEAD;
-        async move { Ok::<_, Infallible>(response(reply, head_only)) }
+        let sources = sources.clone();
+        async move {
+            let reply = tokio::task::spawn_blocking(move || route(&method, &path, &sources))
+                .await
+                .unwrap_or_else(|_| Reply {
+                    status: 500,
+                    content_type: "text/plain; charset=utf-8",
+                    body: b"internal error\n".to_vec(),
+                });
+            Ok::<_, Infallible>(response(reply, head_only))
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

@@ -21,6 +21,28 @@ pub enum Encoder {
 }
 
 impl Encoder {
+    /// The GStreamer elements a stream with this encoder needs that are not installed,
+    /// with the packages that have them; None when all are there. GStreamer must be
+    /// initialised.
+    pub fn missing_elements(self) -> Option<String> {
+        let mut missing: Vec<&str> = ELEMENTS
+            .iter()
+            .copied()
+            .chain([self.element()])
+            .filter(|e| gstreamer::ElementFactory::find(e).is_none())
+            .collect();
+        if self == Encoder::Nvv4l2 && gstreamer::ElementFactory::find("nvvidconv").is_none() {
+            missing.push("nvvidconv");
+        }
+        (!missing.is_empty()).then(|| {
+            format!(
+                "GStreamer element(s) not installed: {} (x264enc: gstreamer1.0-plugins-ugly; \
+                 textoverlay: gstreamer1.0-x; rtph264pay: gstreamer1.0-plugins-good)",
+                missing.join(", ")
+            )
+        })
+    }
+
     pub fn element(self) -> &'static str {
         match self {
             Encoder::X264 => "x264enc",
@@ -156,25 +178,8 @@ impl RtspConfig {
         gstreamer::init().map_err(|e| {
             Invalid::new("rtsp.encoder", format!("cannot initialise GStreamer: {e}"))
         })?;
-        let mut missing: Vec<&str> = ELEMENTS
-            .iter()
-            .copied()
-            .chain([self.encoder.element()])
-            .filter(|e| gstreamer::ElementFactory::find(e).is_none())
-            .collect();
-        if self.encoder == Encoder::Nvv4l2 && gstreamer::ElementFactory::find("nvvidconv").is_none()
-        {
-            missing.push("nvvidconv");
-        }
-        if !missing.is_empty() {
-            return Err(Invalid::new(
-                "rtsp.encoder",
-                format!(
-                    "GStreamer element(s) not installed: {} (x264enc: gstreamer1.0-plugins-ugly; \
-                     textoverlay: gstreamer1.0-x; rtph264pay: gstreamer1.0-plugins-good)",
-                    missing.join(", ")
-                ),
-            ));
+        if let Some(why) = self.encoder.missing_elements() {
+            return Err(Invalid::new("rtsp.encoder", why));
         }
         let credentials = match &self.credentials_file {
             Some(f) => {

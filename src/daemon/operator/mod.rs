@@ -8,6 +8,8 @@
 
 pub mod config;
 pub mod draw;
+pub mod gallery;
+pub mod still;
 pub mod stream;
 
 use super::regions::{CropGeometry, Verdict};
@@ -32,16 +34,56 @@ pub enum OperatorError {
     Thread(std::io::Error),
 }
 
-/// One judged frame, as the view draws it.
-pub struct Scene {
-    pub camera: usize,
+/// One judged frame as every picture of it is drawn: the live view, `latest.jpg` and
+/// the evidence of an alarm share it (no copy of the frame).
+pub struct Shot {
+    pub camera: String,
+    pub frame_number: u64,
+    pub captured_ms: i64,
     pub frame: image::RgbImage,
+    /// The anomaly map at model-input resolution, row-major, `map_hw` = (rows, columns).
     pub map: Vec<f32>,
     pub map_hw: (usize, usize),
     pub geometry: CropGeometry,
     pub pixel_threshold: f32,
     pub class: String,
     pub verdict: Verdict,
+}
+
+impl Shot {
+    /// The frame with heat, boxes and the banner band (the text goes on separately).
+    pub fn overlay(&self) -> image::RgbImage {
+        draw::draw(&draw::Picture {
+            frame: &self.frame,
+            map: &self.map,
+            map_hw: self.map_hw,
+            geometry: self.geometry,
+            pixel_threshold: self.pixel_threshold,
+            regions: &self.verdict.regions,
+            anomalous: self.verdict.anomalous,
+        })
+    }
+
+    /// The banner's text: camera, class, score / threshold, verdict, then `tail` (the
+    /// live view's frames per second, a still's capture time).
+    pub fn banner(&self, tail: &str) -> String {
+        let v = &self.verdict;
+        format!(
+            "{}   {}   {:.3} / {:.3}   {}   {tail}",
+            self.camera,
+            self.class,
+            v.score,
+            v.threshold,
+            if v.anomalous { "NG" } else { "OK" },
+        )
+    }
+}
+
+/// One judged frame for the live view of camera `camera` (an index in the
+/// configuration's list).
+pub struct Scene {
+    pub camera: usize,
+    pub shot: Arc<Shot>,
 }
 
 /// Scenes waiting to be drawn, all cameras together.
@@ -175,25 +217,8 @@ fn draw_loop(
             continue;
         };
         let fps = rate.tick();
-        let picture = draw::draw(&draw::Picture {
-            frame: &scene.frame,
-            map: &scene.map,
-            map_hw: scene.map_hw,
-            geometry: scene.geometry,
-            pixel_threshold: scene.pixel_threshold,
-            regions: &scene.verdict.regions,
-            anomalous: scene.verdict.anomalous,
-        });
-        let v = &scene.verdict;
-        let text = format!(
-            "{}   {}   {:.3} / {:.3}   {}   {:.1} fps",
-            mount.id,
-            scene.class,
-            v.score,
-            v.threshold,
-            if v.anomalous { "NG" } else { "OK" },
-            fps
-        );
+        let picture = scene.shot.overlay();
+        let text = scene.shot.banner(&format!("{fps:.1} fps"));
         let (w, h) = picture.dimensions();
         let mut rgbx = Vec::with_capacity(w as usize * h as usize * 4);
         for p in picture.pixels() {

@@ -22,6 +22,7 @@ type Texts = Arc<Mutex<std::collections::BTreeMap<gst::ClockTime, String>>>;
 /// The elements of a watched camera's media.
 struct Live {
     src: AppSrc,
+    banner: gst::Element,
     texts: Texts,
     /// The caps last set on `src`: (width, height).
     size: Option<(u32, u32)>,
@@ -58,6 +59,7 @@ impl Mount {
                 .field("framerate", rate)
                 .build();
             live.src.set_caps(Some(&caps));
+            super::still::style_banner(&live.banner, height);
             live.size = Some((width, height));
         }
         // The frame's time, set here so that its text can be found by it downstream.
@@ -97,14 +99,59 @@ pub fn launch(cfg: &RtspConfig, gop: u32) -> String {
     };
     format!(
         "( appsrc name=src is-live=true format=time block=false max-buffers=2 leaky-type=downstream \
-         ! videoconvert{size} ! textoverlay name=banner valignment=top halignment=left \
-         font-desc=\"Sans Bold 14\" shaded-background=false ! videoconvert ! {} \
+         ! videoconvert ! textoverlay name=banner valignment=top halignment=left \
+         shaded-background=false ! videoconvert{size} ! {} \
          ! rtph264pay name=pay0 pt=96 config-interval=-1 )",
         cfg.encoder.launch(cfg.bitrate_kbps, gop)
     )
 }
 
 const ROLE: &str = "operator";
+
+/// A viewer whose connection takes no data for this long is cut off (TCP_USER_TIMEOUT).
+/// gst-rtsp-server sends a shared stream to its TCP viewers from one thread and stops
+/// pulling while none can take more, so a viewer that stops reading (a frozen HMI)
+/// would freeze the picture of every viewer of that camera until its connection dies.
+pub const STALLED_VIEWER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Sets TCP_USER_TIMEOUT on a new viewer's socket: unacknowledged data, or a receive
+/// window that stays closed (Linux 5.11 and later), for [`STALLED_VIEWER`] ends the
+/// connection, and with it the viewer's transport.
+fn cut_off_when_stalled(client: &gstreamer_rtsp_server::RTSPClient) {
+    use glib::translate::ToGlibPtr;
+    // SAFETY: the client is alive for the duration of the signal; its connection and
+    // socket are owned by it (transfer none) and only read here; the fd is not kept.
+    let fd = unsafe {
+        let conn =
+            gstreamer_rtsp_server::ffi::gst_rtsp_client_get_connection(client.to_glib_none().0);
+        if conn.is_null() {
+            return;
+        }
+        let socket =
+            gstreamer_rtsp_server::gst_rtsp::ffi::gst_rtsp_connection_get_read_socket(conn);
+        if socket.is_null() {
+            return;
+        }
+        gstreamer_rtsp_server::gio::ffi::g_socket_get_fd(socket)
+    };
+    let ms = STALLED_VIEWER.as_millis() as libc::c_uint;
+    // SAFETY: a valid fd of a TCP socket, and a c_uint option value of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(
+            "operator view: cannot set TCP_USER_TIMEOUT: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
 
 impl Server {
     /// Listens on the configured address and mounts `/<id>` for each camera. `fps` is
@@ -131,6 +178,7 @@ impl Server {
             auth.set_supported_methods(gstreamer_rtsp_server::gst_rtsp::RTSPAuthMethod::Digest);
             server.set_auth(Some(&auth));
         }
+        server.connect_client_connected(|_, client| cut_off_when_stalled(client));
         let points = server
             .mount_points()
             .ok_or_else(|| OperatorError::Rtsp("the server has no mount points".into()))?;
@@ -179,6 +227,7 @@ impl Server {
                     }
                     *live = Some(Live {
                         src,
+                        banner: banner.clone(),
                         texts,
                         size: None,
                     });

@@ -285,12 +285,26 @@ impl PublisherLoop {
     fn store_alarm(&mut self, j: &Judged) {
         let (site, device) = (&self.settings.site, &self.settings.device);
         let r = self.delivery.store(|sequence| {
-            serde_json::to_vec(&AlarmPayload::new(j, sequence, site, device)).map_err(|e| {
-                SpoolError::Encode {
+            let encode = |a: &AlarmPayload| {
+                serde_json::to_vec(a).map_err(|e| SpoolError::Encode {
                     sequence,
                     reason: e.to_string(),
+                })
+            };
+            let mut alarm = AlarmPayload::new(j, sequence, site, device);
+            // The evidence is queued before the alarm is spooled, so that the alarm
+            // names it only when its writer took it.
+            if let Some(pending) = &j.evidence {
+                let relative =
+                    crate::daemon::evidence::relative(j.captured_ms, &j.camera, sequence);
+                alarm.evidence = Some(relative.clone());
+                let body = encode(&alarm)?;
+                if pending.submit(relative, body.clone()) {
+                    return Ok(body);
                 }
-            })
+                alarm.evidence = None;
+            }
+            encode(&alarm)
         });
         match r {
             Ok(_) => {

@@ -76,6 +76,11 @@ pub struct AlarmPayload {
     pub regions_total: usize,
     pub model_id: String,
     pub latency: StageLatencies,
+    /// Where the alarm's evidence is, relative to the store (`<UTC date>/<camera>/<sequence>`;
+    /// add `.jpg`, `.map.png`, `.overlay.jpg` or `.json`). Absent when the store is off
+    /// or was behind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<String>,
 }
 
 impl AlarmPayload {
@@ -99,6 +104,7 @@ impl AlarmPayload {
             regions_total: j.verdict.regions.len(),
             model_id: j.model_id.clone(),
             latency: j.latency.clone(),
+            evidence: None,
         }
     }
 }
