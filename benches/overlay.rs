@@ -1,7 +1,8 @@
 //! What the operator view and the pictures of a judged frame cost, at 1280x720 and
 //! 1920x1080:
 //! - drawing one overlay (heat, boxes, band) on one core;
-//! - one still (`latest.jpg`, the evidence overlay): textoverlay + jpegenc;
+//! - one still (`latest.jpg`, the evidence overlay): textoverlay + jpegenc, and the
+//!   `image` crate's encoder (no text) for comparison;
 //! - the live view at 30 frames/s for `OVERLAY_SECS` (default 10) seconds, with no viewer
 //!   and with one real viewer (ffmpeg over RTSP/TCP): this process's CPU time per frame
 //!   (drawing, conversion, text, x264 encoding, RTP), and its share of one core's
@@ -11,7 +12,7 @@
 
 use cras::daemon::operator::config::RtspConfig;
 use cras::daemon::operator::still::StillEncoder;
-use cras::daemon::operator::{OperatorView, Scene, Shot};
+use cras::daemon::operator::{OperatorView, Scene, Shot, ViewedCamera};
 use cras::daemon::regions::{CropGeometry, Region, Verdict};
 use cras::daemon::telemetry::Telemetry;
 use std::sync::Arc;
@@ -103,7 +104,11 @@ fn live(w: u32, h: u32, secs: f64, viewer: bool) -> (f64, u64) {
     let view = OperatorView::start(
         &cfg,
         &Default::default(),
-        &[("cam1".into(), 30.0)],
+        &[ViewedCamera {
+            id: "cam1".into(),
+            fps: 30.0,
+            shown: true,
+        }],
         telemetry.clone(),
     )
     .expect("the operator view starts");
@@ -168,7 +173,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10.0);
     println!(
-        "size        draw ms  still ms  live, no viewer  live, one viewer (CPU ms/frame, share of 33.3 ms)"
+        "size        draw ms  still ms (image crate, no text)  live, no viewer  live, one viewer (CPU ms/frame, share of 33.3 ms)"
     );
     for (w, h) in [(1280u32, 720u32), (1920, 1080)] {
         let s = shot(w, h);
@@ -187,11 +192,21 @@ fn main() {
             },
             21,
         );
+        let plain = median_ms(
+            || {
+                let mut out = Vec::new();
+                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+                    .encode_image(&picture)
+                    .expect("jpeg");
+                std::hint::black_box(out);
+            },
+            21,
+        );
         let (idle, idle_drawn) = live(w, h, secs, false);
         let (watched, drawn) = live(w, h, secs, true);
         assert_eq!(idle_drawn, 0, "drawn without a viewer");
         println!(
-            "{w}x{h}  {draw:8.1}  {still:8.1}  {idle:6.2} ({:4.1} %)   {watched:6.2} ({:4.1} %), {drawn} frames drawn in {secs} s",
+            "{w}x{h}  {draw:8.1}  {still:8.1} ({plain:5.1})                 {idle:6.2} ({:4.1} %)   {watched:6.2} ({:4.1} %), {drawn} frames drawn in {secs} s",
             idle / 33.3 * 100.0,
             watched / 33.3 * 100.0
         );

@@ -125,6 +125,28 @@ fn good_config_passes_and_each_mistake_is_named() {
             &["cameras[0].stall_timeout_s"],
         ),
         (
+            good.replace(
+                "spool:",
+                "evidence: {enabled: true, dir: ev, jpeg_quality: 0}\nspool:",
+            ),
+            &["evidence.jpeg_quality"],
+        ),
+        (
+            good.replace(
+                "spool:",
+                "evidence: {enabled: true, dir: ev, max_age_days: 0}\nspool:",
+            ),
+            &["evidence.max_age_days"],
+        ),
+        (
+            good.replace("spool:", "evidence: {enabled: true, dir: /proc/ev}\nspool:"),
+            &["evidence.dir", "/proc/ev"],
+        ),
+        (
+            good.replace("spool:", "evidence: {enabled: true, keep: forever}\nspool:"),
+            &["keep"],
+        ),
+        (
             // The imported model is not calibrated: every class needs a threshold.
             good.replace(", beta: {image: 0.5, pixel: 0.6}", ""),
             &["model.thresholds.beta", "cras calibrate"],

@@ -114,11 +114,19 @@ fn viewers_log_in_and_a_stalled_or_vanished_viewer_hurts_nobody() {
         &line,
         &broker.url(),
         http,
-        &[(
-            "cam1",
-            "test-pattern",
-            "{pattern: snow, width: 1280, height: 720, fps: 10}",
-        )],
+        &[
+            (
+                "cam1",
+                "test-pattern",
+                "{pattern: snow, width: 1280, height: 720, fps: 10}",
+            ),
+            // Judged, not streamed.
+            (
+                "cam2",
+                "test-pattern",
+                "{pattern: ball, width: 64, height: 48, fps: 2}\n    rtsp: false",
+            ),
+        ],
         "",
     );
     std::fs::write(dir.join("viewers"), "operator:s3cret-Pass\n").unwrap();
@@ -142,6 +150,10 @@ fn viewers_log_in_and_a_stalled_or_vanished_viewer_hurts_nobody() {
     }
     let url = at("operator:s3cret-Pass@");
     assert_eq!(probe(&url), Ok("h264,1280,720".to_string()));
+    let off = url.replace("/cam1", "/cam2");
+    let e = probe(&off).expect_err("cam2 is not streamed");
+    assert!(e.contains("404"), "{e}");
+    assert!(frames_processed(http, "cam2") >= 1.0, "cam2 is judged");
 
     // One viewer stops reading (a stopped process: its TCP window closes), one is
     // killed mid-stream; a third still gets its frames, and judging goes on.

@@ -7,8 +7,8 @@ use super::config::{Config, ValidConfig};
 use super::evidence::EvidenceStore;
 use super::inference;
 use super::judging::{self, Judged};
-use super::operator::OperatorView;
 use super::operator::gallery::Gallery;
+use super::operator::{self, OperatorView};
 use super::publish::PublisherSettings;
 use super::telemetry::{self, CameraState, CameraTelemetry, Telemetry};
 use super::{DaemonError, Result, RunOptions};
@@ -262,10 +262,14 @@ pub fn match_view(
         *view = None;
         return Ok(());
     }
-    let cameras: Vec<(String, f64)> = c
+    let cameras: Vec<operator::ViewedCamera> = c
         .cameras
         .iter()
-        .map(|c| (c.id.clone(), c.max_fps))
+        .map(|c| operator::ViewedCamera {
+            id: c.id.clone(),
+            fps: c.max_fps,
+            shown: c.rtsp,
+        })
         .collect();
     let wanted = (c.rtsp.clone(), cameras);
     if view.as_ref().is_some_and(|v| v.started_with == wanted) {

@@ -26,6 +26,13 @@ pub struct CameraConfig {
     /// rebuilt; 0 turns the check off (hardware-triggered cameras with long pauses).
     #[serde(default = "default_stall")]
     pub stall_timeout_s: f64,
+    /// Streamed in the operator view when `rtsp.enabled` (default true).
+    #[serde(default = "default_rtsp")]
+    pub rtsp: bool,
+}
+
+fn default_rtsp() -> bool {
+    true
 }
 
 fn default_stall() -> f64 {

@@ -69,7 +69,7 @@ impl Shot {
     pub fn banner(&self, tail: &str) -> String {
         let v = &self.verdict;
         format!(
-            "{}   {}   {:.3} / {:.3}   {}   {tail}",
+            "{}  {}  {:.3} / {:.3}  {}  {tail}",
             self.camera,
             self.class,
             v.score,
@@ -84,6 +84,16 @@ impl Shot {
 pub struct Scene {
     pub camera: usize,
     pub shot: Arc<Shot>,
+}
+
+/// A camera as the view knows it, in the configuration's order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewedCamera {
+    pub id: String,
+    /// Nominal frames per second (for the key-frame interval).
+    pub fps: f64,
+    /// Mounted (`cameras[].rtsp`); a camera that is not is never watched.
+    pub shown: bool,
 }
 
 /// Scenes waiting to be drawn, all cameras together.
@@ -125,15 +135,15 @@ pub struct OperatorView {
     // Dropped last: the drawing thread pushes into its mounts.
     _server: stream::Server,
     /// What it was started with, to know whether a reload needs a new one.
-    pub started_with: (RtspConfig, Vec<(String, f64)>),
+    pub started_with: (RtspConfig, Vec<ViewedCamera>),
 }
 
 impl OperatorView {
-    /// Starts the server for `cameras` (id, nominal frames/s), in configuration order.
+    /// Starts the server for `cameras`, in configuration order.
     pub fn start(
         cfg: &RtspConfig,
         credentials: &BTreeMap<String, String>,
-        cameras: &[(String, f64)],
+        cameras: &[ViewedCamera],
         telemetry: Arc<Telemetry>,
     ) -> Result<OperatorView, OperatorError> {
         let server = stream::Server::start(cfg, credentials, cameras)?;

@@ -68,15 +68,19 @@ pub struct StillEncoder {
     without_text: bool,
 }
 
-/// Sets `textoverlay`'s font and padding so that its text sits inside the banner band
-/// of a picture `height` pixels tall (pango sizes in points at 96 dpi: a line is about
-/// 1.6 x the size in pixels).
-pub fn style_banner(overlay: &gst::Element, height: u32) {
-    let band = super::draw::banner_height(height);
-    let points = (band * 3 / 5).clamp(6, 40);
-    let pad = (band / 10).max(1);
+/// Sets `textoverlay`'s font and padding so that one line of banner text sits inside a
+/// band `band` pixels tall on a picture `width` pixels wide (as the element sees it):
+/// no automatic resizing, no wrapping (a line too long is cut at the right edge). Sizes
+/// are pango points at 96 dpi (4/3 pixel each); the banner's ~45 characters of bold
+/// sans take about 0.55 em each.
+pub fn style_banner(overlay: &gst::Element, band: u32, width: u32) {
+    let by_height = band * 9 / 20;
+    let by_width = width * 3 / 100;
+    let points = by_height.min(by_width).clamp(6, 40);
+    overlay.set_property("auto-resize", false);
+    overlay.set_property_from_str("wrap-mode", "none");
     overlay.set_property("font-desc", format!("Sans Bold {points}"));
-    overlay.set_property("ypad", pad as i32);
+    overlay.set_property("ypad", ((band / 10).max(1)) as i32);
     overlay.set_property("xpad", (band / 2) as i32);
 }
 
@@ -184,7 +188,7 @@ fn build((width, height): (u32, u32)) -> Result<Pipeline, String> {
         .downcast::<AppSink>()
         .map_err(|_| "sink is not an appsink".to_string())?;
     let (banner, enc) = (by("banner")?, by("enc")?);
-    style_banner(&banner, height);
+    style_banner(&banner, super::draw::banner_height(height), width);
     pipeline
         .set_state(gst::State::Playing)
         .map_err(|e| e.to_string())?;

@@ -32,6 +32,9 @@ struct Live {
 pub struct Mount {
     pub id: String,
     live: Mutex<Option<Live>>,
+    /// The stream's size (`rtsp.width`, `rtsp.height`; 0: the camera's), for the
+    /// banner's font.
+    out_size: (u32, u32),
 }
 
 impl Mount {
@@ -59,7 +62,13 @@ impl Mount {
                 .field("framerate", rate)
                 .build();
             live.src.set_caps(Some(&caps));
-            super::still::style_banner(&live.banner, height);
+            // The band is drawn at the camera's size; the text goes on after scaling.
+            let band = super::draw::banner_height(height);
+            let (band, text_width) = match self.out_size {
+                (w, h) if w > 0 && h > 0 => ((band * h / height.max(1)).max(1), w),
+                _ => (band, width),
+            };
+            super::still::style_banner(&live.banner, band, text_width);
             live.size = Some((width, height));
         }
         // The frame's time, set here so that its text can be found by it downstream.
@@ -99,8 +108,8 @@ pub fn launch(cfg: &RtspConfig, gop: u32) -> String {
     };
     format!(
         "( appsrc name=src is-live=true format=time block=false max-buffers=2 leaky-type=downstream \
-         ! videoconvert ! textoverlay name=banner valignment=top halignment=left \
-         shaded-background=false ! videoconvert{size} ! {} \
+         ! videoconvert{size} ! textoverlay name=banner valignment=top halignment=left \
+         shaded-background=false ! videoconvert ! {} \
          ! rtph264pay name=pay0 pt=96 config-interval=-1 )",
         cfg.encoder.launch(cfg.bitrate_kbps, gop)
     )
@@ -154,12 +163,11 @@ fn cut_off_when_stalled(client: &gstreamer_rtsp_server::RTSPClient) {
 }
 
 impl Server {
-    /// Listens on the configured address and mounts `/<id>` for each camera. `fps` is
-    /// each camera's nominal rate (for the key-frame interval).
+    /// Listens on the configured address and mounts `/<id>` for each camera shown.
     pub fn start(
         cfg: &RtspConfig,
         credentials: &BTreeMap<String, String>,
-        cameras: &[(String, f64)],
+        cameras: &[super::ViewedCamera],
     ) -> Result<Server, OperatorError> {
         let context = glib::MainContext::new();
         let server = RTSPServer::new();
@@ -183,65 +191,18 @@ impl Server {
             .mount_points()
             .ok_or_else(|| OperatorError::Rtsp("the server has no mount points".into()))?;
         let mut mounts = Vec::new();
-        for (id, fps) in cameras {
-            let gop = (cfg.keyframe_interval_s * fps).ceil().max(1.0) as u32;
-            let factory = RTSPMediaFactory::new();
-            factory.set_launch(&launch(cfg, gop));
-            factory.set_shared(true);
-            if !credentials.is_empty() {
-                factory.add_role_from_structure(
-                    &gst::Structure::builder(ROLE)
-                        .field(gstreamer_rtsp_server::RTSP_PERM_MEDIA_FACTORY_ACCESS, true)
-                        .field(
-                            gstreamer_rtsp_server::RTSP_PERM_MEDIA_FACTORY_CONSTRUCT,
-                            true,
-                        )
-                        .build(),
-                );
-            }
+        for camera in cameras {
             let mount = Arc::new(Mount {
-                id: id.clone(),
+                id: camera.id.clone(),
                 live: Mutex::new(None),
+                out_size: (cfg.width, cfg.height),
             });
-            let m = mount.clone();
-            factory.connect_media_configure(move |_, media| {
-                let Some(bin) = media.element().downcast::<gst::Bin>().ok() else {
-                    return;
-                };
-                let src = bin.by_name("src").and_then(|e| e.downcast::<AppSrc>().ok());
-                let banner = bin.by_name("banner");
-                if let (Some(src), Some(banner), Ok(mut live)) = (src, banner, m.live.lock()) {
-                    let texts = Texts::default();
-                    let found = texts.clone();
-                    // Weak: the probe lives on the element's own pad.
-                    let overlay = banner.downgrade();
-                    if let Some(pad) = banner.static_pad("video_sink") {
-                        pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
-                            let pts = info.buffer().and_then(|b| b.pts());
-                            let text = pts.and_then(|t| found.lock().ok()?.remove(&t));
-                            if let (Some(text), Some(o)) = (text, overlay.upgrade()) {
-                                o.set_property("text", text);
-                            }
-                            gst::PadProbeReturn::Ok
-                        });
-                    }
-                    *live = Some(Live {
-                        src,
-                        banner: banner.clone(),
-                        texts,
-                        size: None,
-                    });
-                    tracing::info!(camera = %m.id, "operator view: a viewer connected");
-                }
-                let gone = m.clone();
-                media.connect_unprepared(move |_| {
-                    if let Ok(mut live) = gone.live.lock() {
-                        *live = None;
-                    }
-                    tracing::info!(camera = %gone.id, "operator view: no viewer left");
-                });
-            });
-            points.add_factory(&format!("/{id}"), factory);
+            if camera.shown {
+                let gop = (cfg.keyframe_interval_s * camera.fps).ceil().max(1.0) as u32;
+                let factory = media_factory(&launch(cfg, gop), !credentials.is_empty());
+                serve_into(&factory, mount.clone());
+                points.add_factory(&format!("/{}", camera.id), factory);
+            }
             mounts.push(mount);
         }
         let source = context
@@ -257,7 +218,11 @@ impl Server {
             .name("rtsp".into())
             .spawn(move || {
                 let _ = context.with_thread_default(|| l.run());
-                source.remove();
+                // The listening source is in this context, not the default one, which
+                // is where `SourceId::remove` looks (and panics when it is not there).
+                if let Some(s) = context.find_source_by_id(&source) {
+                    s.destroy();
+                }
                 drop(server);
             })
             .map_err(OperatorError::Thread)?;
@@ -269,11 +234,118 @@ impl Server {
     }
 }
 
+/// A shared media factory for `launch`, open to the operator role when viewers log in.
+fn media_factory(launch: &str, logins: bool) -> RTSPMediaFactory {
+    let factory = RTSPMediaFactory::new();
+    factory.set_launch(launch);
+    factory.set_shared(true);
+    if logins {
+        factory.add_role_from_structure(
+            &gst::Structure::builder(ROLE)
+                .field(gstreamer_rtsp_server::RTSP_PERM_MEDIA_FACTORY_ACCESS, true)
+                .field(
+                    gstreamer_rtsp_server::RTSP_PERM_MEDIA_FACTORY_CONSTRUCT,
+                    true,
+                )
+                .build(),
+        );
+    }
+    factory
+}
+
+/// Connects `mount` to the media `factory` makes: while the media is prepared (someone
+/// watches), the mount holds its appsrc and banner, and each frame's text is set on
+/// `textoverlay` as that frame reaches it.
+fn serve_into(factory: &RTSPMediaFactory, m: Arc<Mount>) {
+    factory.connect_media_configure(move |_, media| {
+        let Some(bin) = media.element().downcast::<gst::Bin>().ok() else {
+            return;
+        };
+        let src = bin.by_name("src").and_then(|e| e.downcast::<AppSrc>().ok());
+        let banner = bin.by_name("banner");
+        if let (Some(src), Some(banner), Ok(mut live)) = (src, banner, m.live.lock()) {
+            let texts = Texts::default();
+            let found = texts.clone();
+            // Weak: the probe lives on the element's own pad.
+            let overlay = banner.downgrade();
+            if let Some(pad) = banner.static_pad("video_sink") {
+                pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+                    let pts = info.buffer().and_then(|b| b.pts());
+                    let text = pts.and_then(|t| found.lock().ok()?.remove(&t));
+                    if let (Some(text), Some(o)) = (text, overlay.upgrade()) {
+                        o.set_property("text", text);
+                    }
+                    gst::PadProbeReturn::Ok
+                });
+            }
+            *live = Some(Live {
+                src,
+                banner: banner.clone(),
+                texts,
+                size: None,
+            });
+            tracing::info!(camera = %m.id, "operator view: a viewer connected");
+        }
+        let gone = m.clone();
+        media.connect_unprepared(move |_| {
+            if let Ok(mut live) = gone.live.lock() {
+                *live = None;
+            }
+            tracing::info!(camera = %gone.id, "operator view: no viewer left");
+        });
+    });
+}
+
+impl Server {
+    /// Stops the main loop and waits for its thread; false if the thread panicked.
+    fn shutdown(&mut self) -> bool {
+        // Quit from inside the loop: a quit() before the thread has entered run() is
+        // forgotten, and the thread would then run forever.
+        let l = self.main_loop.clone();
+        self.main_loop.context().invoke(move || l.quit());
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Err(_)) => {
+                tracing::error!("operator view: the RTSP thread panicked while stopping");
+                false
+            }
+            _ => true,
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
-        self.main_loop.quit();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Servers come and go with reloads: each one's thread ends cleanly (it used to
+    /// panic removing its listening source from the wrong main context).
+    #[test]
+    fn servers_stop_cleanly_one_after_another() {
+        gst::init().unwrap();
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .unwrap()
+                .port();
+            let cfg = RtspConfig {
+                enabled: true,
+                port,
+                ..Default::default()
+            };
+            let camera = super::super::ViewedCamera {
+                id: "cam1".into(),
+                fps: 10.0,
+                shown: true,
+            };
+            let mut server = Server::start(&cfg, &BTreeMap::new(), &[camera]).unwrap();
+            assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+            assert!(server.shutdown(), "the RTSP thread panicked");
         }
     }
 }
