@@ -75,6 +75,18 @@ fn every_alarm_has_its_evidence_and_the_http_server_serves_only_the_store() {
         assert_eq!(stored, payload);
         let seq = payload["sequence"].as_u64().unwrap();
         assert!(rel.ends_with(&format!("/cam1/{seq}")), "{rel}");
+        // The JSON names its files, and they are there.
+        let named: Vec<&str> = payload["evidence_files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        let suffixes = [".jpg", ".map.png", ".overlay.jpg", ".json"];
+        assert_eq!(named, suffixes.map(|s| format!("{seq}{s}")));
+        for s in suffixes {
+            assert!(file(s).is_file(), "{rel}{s}");
+        }
         // The frame as captured: one of the line's defective frames.
         let frame = image::open(file(".jpg")).unwrap().to_rgb8();
         let (i, dist) = source_of(&frame, &rig.line.frames);
@@ -110,6 +122,9 @@ fn every_alarm_has_its_evidence_and_the_http_server_serves_only_the_store() {
             http_get_bytes(rig.http, &format!("/evidence/{rel}.overlay.jpg")).unwrap();
         assert_eq!((status, kind.as_str()), (200, "image/jpeg"));
     }
+    // Exactly one set per alarm.
+    let (json, files) = sets(&root);
+    assert_eq!((json.len(), files.len()), (defects, 4 * defects));
     let day = alarms[0].json()["evidence"].as_str().unwrap()[..10].to_string();
     std::fs::write(dir.join("secret.yaml"), "password: x").unwrap();
     for bad in [

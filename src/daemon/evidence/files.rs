@@ -42,6 +42,14 @@ impl Kind {
     }
 }
 
+/// The file names of alarm `sequence`'s set, in [`KINDS`] order.
+pub fn names(sequence: u64) -> Vec<String> {
+    KINDS
+        .iter()
+        .map(|k| format!("{sequence}{}", k.suffix()))
+        .collect()
+}
+
 /// `<sequence><suffix>` -> (sequence, kind); anything else is not a file of the store.
 pub fn parse_name(name: &str) -> Option<(u64, Kind)> {
     let digits = name.bytes().take_while(u8::is_ascii_digit).count();
@@ -68,15 +76,18 @@ pub fn is_day(s: &str) -> bool {
 
 /// The file a request for `/evidence/<rest>` names, or None: exactly
 /// `<day>/<camera>/<sequence><suffix>`, each part checked, so `..`, encoded separators,
-/// folders (no listing) and anything the store did not write are refused.
-pub fn request(root: &Path, rest: &str) -> Option<(PathBuf, Kind)> {
+/// folders (no listing) and anything the store did not write are refused. Returns the
+/// set's JSON too: a file is served only once its set is complete.
+pub fn request(root: &Path, rest: &str) -> Option<(PathBuf, Kind, PathBuf)> {
     let mut parts = rest.split('/');
     let (day, camera, name) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() || !is_day(day) || !crate::daemon::config::topic_safe(camera) {
         return None;
     }
-    let (_, kind) = parse_name(name)?;
-    Some((root.join(day).join(camera).join(name), kind))
+    let (sequence, kind) = parse_name(name)?;
+    let dir = root.join(day).join(camera);
+    let json = dir.join(format!("{sequence}{}", Kind::Payload.suffix()));
+    Some((dir.join(name), kind, json))
 }
 
 /// Writes `bytes` as `dir/name` through `.name.tmp`, synced before the rename.
@@ -201,9 +212,14 @@ mod tests {
         }
         let root = Path::new("/r");
         assert_eq!(
-            request(root, "2026-11-30/cam1/3.json"),
-            Some((PathBuf::from("/r/2026-11-30/cam1/3.json"), Kind::Payload))
+            request(root, "2026-11-30/cam1/3.map.png"),
+            Some((
+                PathBuf::from("/r/2026-11-30/cam1/3.map.png"),
+                Kind::Map,
+                PathBuf::from("/r/2026-11-30/cam1/3.json")
+            ))
         );
+        assert_eq!(names(7), ["7.jpg", "7.map.png", "7.overlay.jpg", "7.json"]);
         for bad in [
             "../config.yaml",
             "2026-11-30/../../etc/3.json",

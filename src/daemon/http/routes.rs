@@ -96,9 +96,16 @@ fn evidence(rest: &str, s: &Sources) -> Reply {
     let Some(root) = s.gallery.evidence_root() else {
         return text(404, "the evidence store is off (evidence.enabled)\n");
     };
-    let Some((path, kind)) = files::request(&root, rest) else {
+    let Some((path, kind, json)) = files::request(&root, rest) else {
         return text(404, "not a file of the evidence store\n");
     };
+    // A set without its JSON is being written, or was cut short by a crash.
+    if !json.is_file() {
+        return text(
+            404,
+            "no such evidence (removed by retention, or not complete)\n",
+        );
+    }
     match files::read_served(&path, MAX_EVIDENCE_FILE) {
         Ok(body) => Reply {
             status: 200,
@@ -157,6 +164,8 @@ mod tests {
         let cam = dir.path().join("2026-11-30/cam1");
         std::fs::create_dir_all(&cam).unwrap();
         std::fs::write(cam.join("1.json"), b"{}").unwrap();
+        // A set still being written: its frame is there, its JSON is not.
+        std::fs::write(cam.join("3.jpg"), b"jpeg").unwrap();
         std::fs::write(dir.path().join("secret.yaml"), b"x").unwrap();
         std::os::unix::fs::symlink(dir.path().join("secret.yaml"), cam.join("2.json")).unwrap();
         s.gallery.set_evidence_root(Some(dir.path().to_path_buf()));
@@ -173,6 +182,7 @@ mod tests {
             "/evidence/",
             "/evidence/2026-11-30/cam1/2.json",
             "/evidence/2026-11-30/cam1/%2e%2e/1.json",
+            "/evidence/2026-11-30/cam1/3.jpg",
         ] {
             assert_eq!(route("GET", bad, &s).status, 404, "{bad}");
         }

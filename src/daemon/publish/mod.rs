@@ -298,11 +298,13 @@ impl PublisherLoop {
                 let relative =
                     crate::daemon::evidence::relative(j.captured_ms, &j.camera, sequence);
                 alarm.evidence = Some(relative.clone());
+                alarm.evidence_files = crate::daemon::evidence::files::names(sequence);
                 let body = encode(&alarm)?;
                 if pending.submit(relative, body.clone()) {
                     return Ok(body);
                 }
                 alarm.evidence = None;
+                alarm.evidence_files.clear();
             }
             encode(&alarm)
         });

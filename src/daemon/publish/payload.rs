@@ -81,6 +81,9 @@ pub struct AlarmPayload {
     /// or was behind.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evidence: Option<String>,
+    /// The evidence's file names, in that folder (absent with `evidence`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub evidence_files: Vec<String>,
 }
 
 impl AlarmPayload {
@@ -105,6 +108,7 @@ impl AlarmPayload {
             model_id: j.model_id.clone(),
             latency: j.latency.clone(),
             evidence: None,
+            evidence_files: Vec::new(),
         }
     }
 }
