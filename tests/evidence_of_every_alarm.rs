@@ -6,7 +6,7 @@
 mod common;
 
 use common::daemon::*;
-use common::view::{banner, verdict_of};
+use common::view::{banner, source_of, verdict_of};
 use image::RgbImage;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,25 +29,6 @@ fn counter(http: u16, name: &str) -> f64 {
         .unwrap_or(-1.0)
 }
 
-/// The line's source frame closest to `img` (mean absolute difference), and the distance.
-fn source_of(img: &RgbImage, frames: &Path) -> (usize, f64) {
-    (0..8)
-        .map(|i| {
-            let src = image::open(frames.join(format!("{i:05}.png")))
-                .unwrap()
-                .to_rgb8();
-            let d: f64 = src
-                .as_raw()
-                .iter()
-                .zip(img.as_raw())
-                .map(|(a, b)| (*a as f64 - *b as f64).abs())
-                .sum::<f64>()
-                / src.as_raw().len() as f64;
-            (i, d)
-        })
-        .fold((0, f64::MAX), |a, b| if b.1 < a.1 { b } else { a })
-}
-
 #[test]
 fn every_alarm_has_its_evidence_and_the_http_server_serves_only_the_store() {
     let dir = tempfile::tempdir().unwrap();
@@ -65,6 +46,12 @@ fn every_alarm_has_its_evidence_and_the_http_server_serves_only_the_store() {
     });
     let alarms = rig.sub.on("/alarm");
     assert_eq!(alarms.len(), defects, "{}", d.log_text());
+    let sources: Vec<RgbImage> = (0..8)
+        .map(|i| {
+            let f = rig.line.frames.join(format!("{i:05}.png"));
+            image::open(f).unwrap().to_rgb8()
+        })
+        .collect();
     for a in &alarms {
         let payload = a.json();
         let rel = payload["evidence"].as_str().expect("evidence in the alarm");
@@ -89,7 +76,7 @@ fn every_alarm_has_its_evidence_and_the_http_server_serves_only_the_store() {
         }
         // The frame as captured: one of the line's defective frames.
         let frame = image::open(file(".jpg")).unwrap().to_rgb8();
-        let (i, dist) = source_of(&frame, &rig.line.frames);
+        let (i, dist) = source_of(&frame, &sources, 0);
         assert!(dist < 4.0, "frame {rel} matches no source ({dist})");
         assert!(rig.line.defective[i], "{rel} is frame {i}, a good one");
         // The map: 16 bits, reaching the pixel threshold (the alarm has regions).

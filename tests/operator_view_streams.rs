@@ -106,14 +106,9 @@ fn viewers_log_in_and_a_stalled_or_vanished_viewer_hurts_nobody() {
     // Snow at 1280x720 and 20 Mbit/s: a viewer that stops reading fills its socket
     // buffers within seconds (without the cut-off this test fails: the third viewer
     // gets nothing).
-    let line = line(dir);
-    let broker = Broker::start(&dir.join("broker"));
-    let http = free_port();
-    let config = write_config(
+    let rig = rig_with(
         dir,
-        &line,
-        &broker.url(),
-        http,
+        line(dir),
         &[
             (
                 "cam1",
@@ -129,17 +124,18 @@ fn viewers_log_in_and_a_stalled_or_vanished_viewer_hurts_nobody() {
         ],
         "",
     );
+    let (config, http) = (&rig.config, rig.http);
     std::fs::write(dir.join("viewers"), "operator:s3cret-Pass\n").unwrap();
     let port = free_port();
-    let text = std::fs::read_to_string(&config).unwrap();
+    let text = std::fs::read_to_string(config).unwrap();
     std::fs::write(
-        &config,
+        config,
         format!(
             "{text}rtsp: {{enabled: true, port: {port}, bitrate_kbps: 20000, credentials_file: viewers}}\n"
         ),
     )
     .unwrap();
-    let d = Daemon::start(&config, &dir.join("cras.log"), &[]);
+    let d = Daemon::start(config, &dir.join("cras.log"), &[]);
     wait_for(90.0, "frames flowing", || {
         frames_processed(http, "cam1") >= 3.0
     });

@@ -173,6 +173,20 @@ pub fn redact_credentials(text: &str) -> String {
     out
 }
 
+/// Resolves the folder `dir` against `base`, creates it and proves it writable (the
+/// spool's and the evidence store's folders): `key` names it in the error.
+pub fn writable_dir(key: &str, base: &Path, dir: &mut PathBuf) -> Result<(), Invalid> {
+    *dir = resolve(base, dir);
+    let shown = dir.display();
+    std::fs::create_dir_all(&*dir)
+        .map_err(|e| Invalid::new(key, format!("cannot create {shown}: {e}")))?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"")
+        .map_err(|e| Invalid::new(key, format!("{shown} is not writable: {e}")))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// `p` taken from the config file's folder `base` if it is relative.
 pub fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {

@@ -525,21 +525,22 @@ pub struct Rig {
 
 pub fn folder_rig(dir: &Path, fps: u32, looping: bool, extra_mqtt: &str) -> Rig {
     let line = line(dir);
+    let params = folder_params(&line, fps, looping);
+    rig_with(
+        dir,
+        line,
+        &[("cam1", "image-sequence", &params)],
+        extra_mqtt,
+    )
+}
+
+/// The line, a broker, a subscriber on `cras/#`, and `config.yaml` with `cameras`
+/// (`(id, pipeline, params)`).
+pub fn rig_with(dir: &Path, line: Line, cameras: &[(&str, &str, &str)], extra_mqtt: &str) -> Rig {
     let broker = Broker::start(&dir.join("broker"));
     let sub = Subscriber::start(broker.port, "cras/#");
     let http = free_port();
-    let config = write_config(
-        dir,
-        &line,
-        &broker.url(),
-        http,
-        &[(
-            "cam1",
-            "image-sequence",
-            &folder_params(&line, fps, looping),
-        )],
-        extra_mqtt,
-    );
+    let config = write_config(dir, &line, &broker.url(), http, cameras, extra_mqtt);
     Rig {
         line,
         broker,

@@ -10,9 +10,10 @@
 pub mod files;
 pub mod retention;
 
-use super::config::{Invalid, resolve, within};
+use super::config::{Invalid, within, writable_dir};
 use super::operator::Shot;
 use super::operator::still::StillEncoder;
+use super::publish::payload::AlarmPayload;
 use crate::clock::{rfc3339_utc, unix_ms};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::path::{Path, PathBuf};
@@ -87,14 +88,7 @@ impl EvidenceConfig {
             36_500,
             " days",
         )?;
-        self.dir = resolve(base, &self.dir);
-        let dir = self.dir.display();
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| Invalid::new("evidence.dir", format!("cannot create {dir}: {e}")))?;
-        let probe = self.dir.join(".write-test");
-        std::fs::write(&probe, b"")
-            .map_err(|e| Invalid::new("evidence.dir", format!("{dir} is not writable: {e}")))?;
-        let _ = std::fs::remove_file(&probe);
+        writable_dir("evidence.dir", base, &mut self.dir)?;
         gstreamer::init()
             .map_err(|e| Invalid::new("evidence", format!("cannot initialise GStreamer: {e}")))?;
         match super::operator::still::missing_elements() {
@@ -165,6 +159,27 @@ impl Pending {
             }
         }
     }
+}
+
+/// The body of `alarm` as spooled. With `pending` its set is queued first (before the
+/// alarm is written, so the alarm names its evidence only when the writer took it):
+/// `evidence` and `evidence_files` are set, or left out when the writer is behind.
+pub fn encode_alarm(
+    mut alarm: AlarmPayload,
+    pending: Option<&Pending>,
+) -> serde_json::Result<Vec<u8>> {
+    if let Some(pending) = pending {
+        let path = relative(pending.shot.captured_ms, &alarm.camera, alarm.sequence);
+        alarm.evidence = Some(path.clone());
+        alarm.evidence_files = files::names(alarm.sequence);
+        let body = serde_json::to_vec(&alarm)?;
+        if pending.submit(path, body.clone()) {
+            return Ok(body);
+        }
+        alarm.evidence = None;
+        alarm.evidence_files.clear();
+    }
+    serde_json::to_vec(&alarm)
 }
 
 /// The running writer.
@@ -375,5 +390,86 @@ mod tests {
         assert_eq!(img.dimensions(), (3, 2));
         assert_eq!(img.as_raw(), &vec![0u16, 32768, 65535, 65535, 0, 16384],);
         assert_eq!(relative(0, "cam1", 42), "1970-01-01/cam1/42");
+    }
+
+    #[test]
+    fn the_alarm_names_its_evidence_only_when_the_writer_took_it() {
+        use crate::daemon::regions::{CropGeometry, Verdict};
+        let shot = Arc::new(Shot {
+            camera: "cam1".into(),
+            frame_number: 3,
+            captured_ms: 86_400_000,
+            frame: image::RgbImage::new(4, 4),
+            map: vec![0.0; 4],
+            map_hw: (2, 2),
+            geometry: CropGeometry {
+                scale_x: 1.0,
+                scale_y: 1.0,
+                left: 0.0,
+                top: 0.0,
+            },
+            pixel_threshold: 0.5,
+            class: "stripes".into(),
+            verdict: Verdict {
+                anomalous: true,
+                score: 0.9,
+                threshold: 0.5,
+                regions: vec![],
+            },
+        });
+        let alarm = AlarmPayload {
+            schema: 1,
+            device: "box1".into(),
+            site: "plant1".into(),
+            camera: "cam1".into(),
+            sequence: 7,
+            frame: 3,
+            captured_at: rfc3339_utc(86_400_000),
+            class: "stripes".into(),
+            detected_class: "stripes".into(),
+            score: 0.9,
+            threshold: 0.5,
+            regions: vec![],
+            regions_total: 0,
+            model_id: "m".into(),
+            latency: Default::default(),
+            evidence: None,
+            evidence_files: vec![],
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let counters = Arc::new(EvidenceCounters::default());
+        let pending = Pending {
+            shot,
+            sink: Sink {
+                tx,
+                counters: counters.clone(),
+            },
+        };
+        let json = |b: Vec<u8>| serde_json::from_slice::<serde_json::Value>(&b).unwrap();
+        // Without the store: no evidence fields at all.
+        let plain = json(encode_alarm(alarm.clone(), None).unwrap());
+        assert!(plain.get("evidence").is_none() && plain.get("evidence_files").is_none());
+        // Taken: the alarm names the set, and the queued payload is the same body.
+        let taken = encode_alarm(alarm.clone(), Some(&pending)).unwrap();
+        let v = json(taken.clone());
+        assert_eq!(v["evidence"], "1970-01-02/cam1/7");
+        assert_eq!(
+            v["evidence_files"],
+            serde_json::json!(["7.jpg", "7.map.png", "7.overlay.jpg", "7.json"])
+        );
+        let job = rx.try_recv().unwrap();
+        assert_eq!(
+            (job.relative.as_str(), job.payload),
+            ("1970-01-02/cam1/7", taken)
+        );
+        // The queue is full: no evidence named, the drop counted.
+        let _ = pending.sink.tx.try_send(Job {
+            relative: String::new(),
+            shot: pending.shot.clone(),
+            payload: vec![],
+        });
+        let v = json(encode_alarm(alarm, Some(&pending)).unwrap());
+        assert!(v.get("evidence").is_none() && v.get("evidence_files").is_none());
+        assert_eq!(counters.dropped.load(Ordering::Relaxed), 1);
     }
 }

@@ -285,28 +285,13 @@ impl PublisherLoop {
     fn store_alarm(&mut self, j: &Judged) {
         let (site, device) = (&self.settings.site, &self.settings.device);
         let r = self.delivery.store(|sequence| {
-            let encode = |a: &AlarmPayload| {
-                serde_json::to_vec(a).map_err(|e| SpoolError::Encode {
+            let alarm = AlarmPayload::new(j, sequence, site, device);
+            crate::daemon::evidence::encode_alarm(alarm, j.evidence.as_ref()).map_err(|e| {
+                SpoolError::Encode {
                     sequence,
                     reason: e.to_string(),
-                })
-            };
-            let mut alarm = AlarmPayload::new(j, sequence, site, device);
-            // The evidence is queued before the alarm is spooled, so that the alarm
-            // names it only when its writer took it.
-            if let Some(pending) = &j.evidence {
-                let relative =
-                    crate::daemon::evidence::relative(j.captured_ms, &j.camera, sequence);
-                alarm.evidence = Some(relative.clone());
-                alarm.evidence_files = crate::daemon::evidence::files::names(sequence);
-                let body = encode(&alarm)?;
-                if pending.submit(relative, body.clone()) {
-                    return Ok(body);
                 }
-                alarm.evidence = None;
-                alarm.evidence_files.clear();
-            }
-            encode(&alarm)
+            })
         });
         match r {
             Ok(_) => {

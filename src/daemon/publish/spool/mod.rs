@@ -19,7 +19,7 @@
 
 mod files;
 
-use crate::daemon::config::{Invalid, resolve, within};
+use crate::daemon::config::{Invalid, within, writable_dir};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 
@@ -40,21 +40,7 @@ fn default_spool_bytes() -> u64 {
 impl SpoolConfig {
     /// Resolves the folder against `base`, creates it and proves it writable.
     pub fn validate(&mut self, base: &Path) -> Result<(), Invalid> {
-        self.dir = resolve(base, &self.dir);
-        std::fs::create_dir_all(&self.dir).map_err(|e| {
-            Invalid::new(
-                "spool.dir",
-                format!("cannot create {}: {e}", self.dir.display()),
-            )
-        })?;
-        let probe = self.dir.join(".write-test");
-        std::fs::write(&probe, b"").map_err(|e| {
-            Invalid::new(
-                "spool.dir",
-                format!("{} is not writable: {e}", self.dir.display()),
-            )
-        })?;
-        let _ = std::fs::remove_file(&probe);
+        writable_dir("spool.dir", base, &mut self.dir)?;
         within(
             "spool.max_bytes",
             self.max_bytes,
