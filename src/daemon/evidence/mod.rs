@@ -394,28 +394,10 @@ mod tests {
 
     #[test]
     fn the_alarm_names_its_evidence_only_when_the_writer_took_it() {
-        use crate::daemon::regions::{CropGeometry, Verdict};
         let shot = Arc::new(Shot {
-            camera: "cam1".into(),
             frame_number: 3,
             captured_ms: 86_400_000,
-            frame: image::RgbImage::new(4, 4),
-            map: vec![0.0; 4],
-            map_hw: (2, 2),
-            geometry: CropGeometry {
-                scale_x: 1.0,
-                scale_y: 1.0,
-                left: 0.0,
-                top: 0.0,
-            },
-            pixel_threshold: 0.5,
-            class: "stripes".into(),
-            verdict: Verdict {
-                anomalous: true,
-                score: 0.9,
-                threshold: 0.5,
-                regions: vec![],
-            },
+            ..Shot::example(4, 4, true)
         });
         let alarm = AlarmPayload {
             schema: 1,

@@ -124,30 +124,12 @@ impl Gallery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::regions::{CropGeometry, Verdict};
 
     fn shot(camera: &str, n: u64) -> Arc<Shot> {
         Arc::new(Shot {
             camera: camera.into(),
             frame_number: n,
-            captured_ms: 0,
-            frame: image::RgbImage::from_pixel(64, 48, image::Rgb([90, 90, 90])),
-            map: vec![0.0; 16],
-            map_hw: (4, 4),
-            geometry: CropGeometry {
-                scale_x: 1.0,
-                scale_y: 1.0,
-                left: 0.0,
-                top: 0.0,
-            },
-            pixel_threshold: 0.5,
-            class: "stripes".into(),
-            verdict: Verdict {
-                anomalous: false,
-                score: 0.1,
-                threshold: 0.5,
-                regions: vec![],
-            },
+            ..Shot::example(64, 48, false)
         })
     }
 

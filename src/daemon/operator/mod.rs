@@ -79,6 +79,36 @@ impl Shot {
     }
 }
 
+#[cfg(test)]
+impl Shot {
+    /// A grey `width` x `height` frame of camera `cam1`, class `stripes`, with a 4x4
+    /// map of zeros at the pixel threshold 0.5; `anomalous` decides the verdict.
+    pub fn example(width: u32, height: u32, anomalous: bool) -> Shot {
+        Shot {
+            camera: "cam1".into(),
+            frame_number: 1,
+            captured_ms: 0,
+            frame: image::RgbImage::from_pixel(width, height, image::Rgb([90, 90, 90])),
+            map: vec![0.0; 16],
+            map_hw: (4, 4),
+            geometry: CropGeometry {
+                scale_x: 1.0,
+                scale_y: 1.0,
+                left: 0.0,
+                top: 0.0,
+            },
+            pixel_threshold: 0.5,
+            class: "stripes".into(),
+            verdict: Verdict {
+                anomalous,
+                score: if anomalous { 0.9 } else { 0.1 },
+                threshold: 0.5,
+                regions: vec![],
+            },
+        }
+    }
+}
+
 /// One judged frame for the live view of camera `camera` (an index in the
 /// configuration's list).
 pub struct Scene {
