@@ -13,6 +13,7 @@
 pub mod connection;
 pub mod delivery;
 pub mod payload;
+mod rate;
 pub mod spool;
 
 use super::judging::Judged;
@@ -25,7 +26,6 @@ use delivery::Delivery;
 use payload::{AlarmPayload, Topics};
 use rumqttc::{Client, QoS};
 use spool::{AlarmSpool, SpoolConfig, SpoolError};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -115,7 +115,7 @@ impl Publisher {
             input: rx,
             events: ev_rx,
             flush_until: flush_until.clone(),
-            last_result: BTreeMap::new(),
+            results: rate::ResultRate::new(settings.mqtt.result_rate_hz),
             outage_logged: false,
             unstored: 0,
             refusal_logged: false,
@@ -182,7 +182,7 @@ struct PublisherLoop {
     input: Receiver<Judged>,
     events: Receiver<ConnEvent>,
     flush_until: Arc<std::sync::Mutex<Option<Instant>>>,
-    last_result: BTreeMap<String, Instant>,
+    results: rate::ResultRate,
     outage_logged: bool,
     /// Alarms lost before the spool numbered them (not encodable, counter not writable).
     unstored: u64,
@@ -256,26 +256,18 @@ impl PublisherLoop {
         if j.verdict.anomalous {
             self.store_alarm(&j);
         }
-        let rate = self.settings.mqtt.result_rate_hz;
-        if rate > 0.0
-            && let Some((_, client)) = &self.link
+        if let Some((_, client)) = &self.link
+            && self.results.admit(&j.camera, Instant::now())
         {
-            let due = self
-                .last_result
-                .get(&j.camera)
-                .is_none_or(|t| t.elapsed().as_secs_f64() >= 1.0 / rate);
-            if due {
-                self.last_result.insert(j.camera.clone(), Instant::now());
-                let body = payload::result_json(&j, &self.settings.device).to_string();
-                if client
-                    .try_publish(self.topics.result(&j.camera), QoS::AtMostOnce, false, body)
-                    .is_ok()
-                {
-                    self.delivery.requested(None);
-                    self.telemetry
-                        .results_published
-                        .fetch_add(1, Ordering::Relaxed);
-                }
+            let body = payload::result_json(&j, &self.settings.device).to_string();
+            if client
+                .try_publish(self.topics.result(&j.camera), QoS::AtMostOnce, false, body)
+                .is_ok()
+            {
+                self.delivery.requested(None);
+                self.telemetry
+                    .results_published
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
