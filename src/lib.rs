@@ -12,6 +12,7 @@ pub mod engine;
 pub mod eval;
 pub mod import;
 pub mod infer;
+pub mod install;
 pub mod metrics;
 pub mod model;
 pub mod onnx;

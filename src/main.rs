@@ -12,6 +12,15 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // onnxruntime's Microsoft builds start a usage-telemetry client when the library loads
+    // (a device id and an event store under ~/.cache/Microsoft, uploads to
+    // events.data.microsoft.com), whatever the API says later; this variable stops it.
+    // An inspection station sends nothing to anyone.
+    if std::env::var_os("ORT_DISABLE_TELEMETRY").is_none() {
+        // SAFETY: first statement of main: no other thread exists yet to read the
+        // environment concurrently.
+        unsafe { std::env::set_var("ORT_DISABLE_TELEMETRY", "1") };
+    }
     let cli = cli::Cli::parse();
     cli::init_logging(&cli);
     match cli.run() {

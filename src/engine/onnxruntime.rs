@@ -49,12 +49,15 @@ fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
         c.push(p.to_path_buf());
         return c;
     }
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         c.push(PathBuf::from(p));
         return c;
     }
     c.push(installed_library());
-    c.push(PathBuf::from("/usr/lib/cras/libonnxruntime.so"));
+    // Where the Debian package puts it (`/usr/lib/cras`).
+    c.push(crate::install::packaged(&format!(
+        "lib/cras/libonnxruntime.so.{PINNED_VERSION}"
+    )));
     c
 }
 
@@ -71,7 +74,13 @@ pub fn ensure_runtime(explicit: Option<&Path>) -> Result<PathBuf, EngineError> {
         };
         let fail = |e: &dyn std::fmt::Display| RuntimeFailure::Load(path.clone(), e.to_string());
         let builder = ort::init_from(&path).map_err(|e| fail(&e))?;
-        let env = builder.with_name("cras").build().map_err(|e| fail(&e))?;
+        // Microsoft builds send usage telemetry unless told not to (ort enables it by
+        // default); a plant's inspection station sends nothing to anyone.
+        let env = builder
+            .with_name("cras")
+            .with_telemetry(false)
+            .build()
+            .map_err(|e| fail(&e))?;
         let _ = ENVIRONMENT.set(env);
         Ok(path)
     });

@@ -9,14 +9,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Where the capture templates are: `explicit` if given, else `pipelines/` beside the
-/// config file, else the system location `/usr/share/cras/pipelines`.
+/// config file, else the package's `share/cras/pipelines` (`/usr/share/cras/pipelines`).
 pub fn templates_dir(explicit: Option<PathBuf>, config: &Path) -> PathBuf {
     explicit.unwrap_or_else(|| {
         let beside = config.parent().unwrap_or(Path::new(".")).join("pipelines");
         if beside.is_dir() {
             beside
         } else {
-            PathBuf::from("/usr/share/cras/pipelines")
+            crate::install::packaged("share/cras/pipelines")
         }
     })
 }
