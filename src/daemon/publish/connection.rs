@@ -24,7 +24,10 @@ const RUMQTTC_INFLIGHT: u16 = 64;
 pub struct MqttConfig {
     /// `mqtt://host:port` or `mqtts://host:port` (TLS).
     pub url: String,
-    pub client_id: String,
+    /// Default `cras-<site>-<device>`: unique per device, so a fleet on one broker never
+    /// shares one (a broker disconnects the older of two clients with the same id).
+    #[serde(default)]
+    pub client_id: Option<String>,
     /// Topics are `<topic_prefix>/<site>/<device>/...`.
     #[serde(default = "default_prefix")]
     pub topic_prefix: String,
@@ -78,9 +81,8 @@ impl MqttConfig {
             PublishError::Url(url, why) => Invalid::new("mqtt.url", format!("`{url}`: {why}")),
             other => Invalid::new("mqtt.url", other.to_string()),
         })?;
-        if self.client_id.is_empty()
-            || self.client_id.len() > 256
-            || self.client_id.chars().any(char::is_control)
+        if let Some(id) = &self.client_id
+            && (id.is_empty() || id.len() > 256 || id.chars().any(char::is_control))
         {
             return Err(Invalid::new(
                 "mqtt.client_id",
@@ -270,7 +272,12 @@ pub fn tls_config(mqtt: &MqttConfig) -> Result<Transport, PublishError> {
 /// rumqttc options: clean session, last will "offline" (retained) on the status topic.
 pub fn mqtt_options(s: &PublisherSettings, topics: &Topics) -> Result<MqttOptions, PublishError> {
     let (host, port, tls) = parse_url(&s.mqtt.url)?;
-    let mut o = MqttOptions::new(&s.mqtt.client_id, host, port);
+    let id = s
+        .mqtt
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("cras-{}-{}", s.site, s.device));
+    let mut o = MqttOptions::new(id, host, port);
     o.set_keep_alive(Duration::from_secs(10))
         .set_clean_session(true)
         .set_inflight(RUMQTTC_INFLIGHT)
