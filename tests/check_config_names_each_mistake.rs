@@ -185,7 +185,7 @@ fn passwords_are_read_but_never_printed() {
 
 #[test]
 fn shipped_config_is_valid_once_its_model_exists() {
-    // The shipped config.yaml points at engines/demo and /var/lib/cras/spool: check it with
+    // The shipped config.yaml points at /var/lib/cras/engines/current and /var/lib/cras/spool: check it with
     // those two paths redirected to a real bundle and a temporary spool.
     let dir = tempfile::tempdir().unwrap();
     let model = bundle(dir.path());
@@ -193,7 +193,7 @@ fn shipped_config_is_valid_once_its_model_exists() {
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.yaml")).unwrap();
     let yaml = shipped
         .replace(
-            "bundle: engines/demo",
+            "bundle: /var/lib/cras/engines/current",
             &format!("bundle: {}", model.display()),
         )
         .replace(

@@ -10,6 +10,14 @@ pub struct SetupArgs {
     /// Install from this onnxruntime wheel instead of downloading it with pip.
     #[arg(long, value_name = "FILE")]
     pub onnxruntime_wheel: Option<PathBuf>,
+    /// Install the library for this machine (`x86_64`, `aarch64`) into --lib-dir, e.g.
+    /// to package it or carry it to an offline device. Default: this machine's.
+    #[arg(long, value_name = "ARCH", requires = "lib_dir")]
+    pub arch: Option<String>,
+    /// Put the onnxruntime library (and its licence files) here instead of cras's data
+    /// folder, where `cras` looks for it (`/usr/lib/cras` is the other place it looks).
+    #[arg(long, value_name = "DIR")]
+    pub lib_dir: Option<PathBuf>,
     /// Also install pretrained weights for this backbone (efficientnet_lite0).
     #[arg(long, value_name = "NAME")]
     pub backbone: Option<String>,
@@ -20,7 +28,14 @@ pub struct SetupArgs {
 
 impl SetupArgs {
     pub fn run(self) -> Result<ExitCode> {
-        cras::setup::install_onnxruntime(self.onnxruntime_wheel.as_deref())?;
+        let mut target = cras::setup::OrtTarget::this_machine();
+        if let Some(dir) = self.lib_dir {
+            target.dir = dir;
+        }
+        if let Some(arch) = self.arch {
+            target.arch = arch;
+        }
+        cras::setup::install_onnxruntime(self.onnxruntime_wheel.as_deref(), &target)?;
         if let Some(name) = self.backbone {
             let pinned = cras::backbone::BackboneKind::parse(&name)
                 .ok()

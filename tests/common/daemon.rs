@@ -18,7 +18,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn require(tool: &str) {
+pub fn require(tool: &str) {
     let ok = std::process::Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
@@ -26,7 +26,7 @@ fn require(tool: &str) {
         .unwrap_or(false);
     assert!(
         ok,
-        "`{tool}` is not installed; .ci/run installs it (apt-get install mosquitto mosquitto-clients)"
+        "`{tool}` is not installed; .ci/run lists what to install (apt-get install ...)"
     );
 }
 
@@ -217,6 +217,17 @@ impl Daemon {
     /// Starts `cras run`; the templates are `pipelines/` beside the config when the test
     /// made one, else the shipped ones.
     pub fn start(config: &Path, log: &Path, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_under(&[], config, log, env)
+    }
+
+    /// `cras run` as the last arguments of `wrapper` (a sandbox, a tracer); with an empty
+    /// wrapper, as `start`.
+    pub fn start_under(
+        wrapper: &[&str],
+        config: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let beside = config.parent().unwrap().join("pipelines");
         let pipelines = if beside.is_dir() {
             beside
@@ -228,7 +239,14 @@ impl Daemon {
             .append(true)
             .open(log)
             .unwrap();
-        let mut cmd = std::process::Command::new(cras_bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = std::process::Command::new(first);
+                c.args(rest).arg(cras_bin());
+                c
+            }
+            None => std::process::Command::new(cras_bin()),
+        };
         cmd.args(["run", "--config"])
             .arg(config)
             .arg("--pipelines")
