@@ -42,7 +42,14 @@ fn build_package(out: &Path) -> PathBuf {
     let deb = out.join("cras_amd64.deb");
     ok(Command::new("cargo")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["deb", "--no-build", "--strip", "--fast", "--quiet", "--output"])
+        .args([
+            "deb",
+            "--no-build",
+            "--strip",
+            "--fast",
+            "--quiet",
+            "--output",
+        ])
         .arg(&deb));
     deb
 }
