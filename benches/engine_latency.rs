@@ -4,14 +4,19 @@
 //! with the onnxruntime engine (and tract when built with `--features tract`). Also prints the multiply-accumulates per image and how
 //! far the measured time is from the machine's peak FP32 rate.
 //!
+//! `frames` times the daemon's two ways in from a camera frame on the lite0 model: the Rust
+//! pre-processing then the graph, against the frames stage (bytes in, inside onnxruntime).
+//!
 //! Run: `cargo bench --bench engine_latency` (needs `cras setup --backbone efficientnet_lite0`
 //! and ../shared/fixtures, or CRAS_FIXTURES / CRAS_LITE0_PTH).
 //! Peak: CRAS_PEAK_GFLOPS, else cores x MHz x 32 FLOP/cycle (AVX2, two 8-lane FMA pipes).
 
 use cras::backbone::{Backbone, BackboneKind};
-use cras::engine::{EngineKind, EngineOptions};
+use cras::engine::{EngineKind, EngineOptions, PixelLayout};
 use cras::model::graph::{CrasModel, GraphOptions};
 use cras::model::head::{Centers, CrasHead};
+use cras::onnx::{Dim, ElemType, GraphBuilder};
+use cras::preprocess::{InputSpec, Normalization, normalise_into, resize_and_crop};
 use cras::weights::{StateDict, Tensor};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -134,6 +139,111 @@ fn bench(name: &str, model: &CrasModel, runs: usize) {
     }
 }
 
+/// Median milliseconds per image of `run` over `runs` calls of `batch` images.
+fn median_ms(runs: usize, batch: usize, mut run: impl FnMut()) -> f64 {
+    run();
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            run();
+            t.elapsed().as_secs_f64() * 1e3 / batch as f64
+        })
+        .collect();
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[times.len() / 2]
+}
+
+/// A graph that hands its input back: the frames stage alone.
+fn identity_graph(spec: &InputSpec) -> Vec<u8> {
+    let mut g = GraphBuilder::new();
+    let dims = vec![
+        Dim::Sym("N"),
+        Dim::Fixed(3),
+        Dim::Fixed(spec.height as i64),
+        Dim::Fixed(spec.width as i64),
+    ];
+    let x = g.input("image", ElemType::F32, dims.clone());
+    g.output(&x, "prepared", ElemType::F32, dims);
+    g.to_bytes("identity", "bench")
+}
+
+/// Camera frame to scores: Rust pre-processing + graph against the frames stage.
+fn bench_frames(model: &CrasModel, runs: usize) {
+    let onnx = model.to_onnx(GraphOptions::default()).expect("graph");
+    let spec = InputSpec::square(model.height, 329, Normalization::Imagenet);
+    let mut engine = EngineKind::Onnxruntime
+        .load(
+            &onnx,
+            &EngineOptions {
+                frames: Some(spec.clone()),
+                ..Default::default()
+            },
+        )
+        .expect("engine");
+    let mut prep_only = EngineKind::Onnxruntime
+        .load(
+            &identity_graph(&spec),
+            &EngineOptions {
+                frames: Some(spec.clone()),
+                ..Default::default()
+            },
+        )
+        .expect("engine");
+    for ((w, h), batch) in [(640, 480), (1920, 1080)]
+        .into_iter()
+        .flat_map(|s| [(s, 1usize), (s, 4)])
+    {
+        let frame = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x * y) % 239) as u8])
+        });
+        let mut input = Vec::new();
+        let rust = median_ms(runs, batch, || {
+            input.clear();
+            for _ in 0..batch {
+                let crop = resize_and_crop(&frame, &spec).expect("size");
+                normalise_into(&crop, &spec, &mut input);
+            }
+            engine
+                .run(&input, [batch, 3, spec.height, spec.width])
+                .expect("run");
+        });
+        let mut bytes = Vec::new();
+        let stage = median_ms(runs, batch, || {
+            bytes.clear();
+            for _ in 0..batch {
+                bytes.extend_from_slice(frame.as_raw());
+            }
+            engine
+                .run_frames(&bytes, [batch, h as usize, w as usize, 3], PixelLayout::Rgb)
+                .expect("run");
+        });
+        let mut prepared = Vec::new();
+        let rust_prep = median_ms(runs, batch, || {
+            prepared.clear();
+            for _ in 0..batch {
+                let crop = resize_and_crop(&frame, &spec).expect("size");
+                normalise_into(&crop, &spec, &mut prepared);
+            }
+        });
+        let stage_prep = median_ms(runs, batch, || {
+            bytes.clear();
+            for _ in 0..batch {
+                bytes.extend_from_slice(frame.as_raw());
+            }
+            prep_only
+                .run_frames(&bytes, [batch, h as usize, w as usize, 3], PixelLayout::Rgb)
+                .expect("run");
+        });
+        println!(
+            "  frames {w}x{h} batch {batch}: pre-processing alone: Rust {rust_prep:.1} ms/image, frames stage {stage_prep:.1} ms/image"
+        );
+        println!(
+            "  frames {w}x{h} batch {batch}: Rust pre-processing + graph {rust:.1} ms/image, frames stage {stage:.1} ms/image ({:.2}x)",
+            stage / rust
+        );
+    }
+}
+
 fn main() {
     let fixtures = std::env::var_os("CRAS_FIXTURES")
         .map(PathBuf::from)
@@ -144,7 +254,7 @@ fn main() {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let wanted = |n: &str| filter.as_deref().is_none_or(|f| n.contains(f));
 
-    if wanted("lite0-d384") {
+    if wanted("lite0-d384") || wanted("frames") {
         let set = fixtures.join("lite0-d384");
         let backbone = Backbone::load(BackboneKind::EfficientnetLite0, &lite0_pth)
             .expect("Lite0 weights (run `cras setup --backbone efficientnet_lite0`)");
@@ -161,7 +271,12 @@ fn main() {
             width: 288,
             pre_dim: 384,
         };
-        bench("lite0-d384", &model, 20);
+        if wanted("lite0-d384") {
+            bench("lite0-d384", &model, 20);
+        }
+        if wanted("frames") {
+            bench_frames(&model, 20);
+        }
     }
     if wanted("wrn50") {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);

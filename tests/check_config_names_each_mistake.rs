@@ -60,6 +60,7 @@ fn good_config_passes_and_each_mistake_is_named() {
         "{out}"
     );
 
+    let at = format!("  bundle: {}", model.display());
     let cases: Vec<(String, &[&str])> = vec![
         (
             good.replace(
@@ -69,6 +70,14 @@ fn good_config_passes_and_each_mistake_is_named() {
             &["retain"],
         ),
         (good.replace("max_fps: 5", "max_fps: fast"), &["max_fps"]),
+        (
+            good.replace(&at, &format!("{at}\n  preprocess: gpu")),
+            &["preprocess", "gpu"],
+        ),
+        (
+            good.replace(&at, &format!("{at}\n  engine: tract\n  preprocess: graph")),
+            &["model.preprocess", "onnxruntime"],
+        ),
         (good.replace("  url: mqtt://127.0.0.1:1883\n", ""), &["url"]),
         (
             good.replace("id: cam2", "id: cam1"),

@@ -118,6 +118,7 @@ impl RuntimeArgs {
             ort_lib: self.ort_lib.clone(),
             threads: self.threads,
             batch,
+            frames: None,
         }
     }
 }

@@ -82,6 +82,14 @@ impl CameraTelemetry {
             .map(|s| s.clone())
             .unwrap_or(CameraState::Stopped)
     }
+
+    /// Sets the state without telling anyone (tests of the stages alone).
+    #[cfg(test)]
+    pub fn force_state(&self, state: CameraState) {
+        if let Ok(mut s) = self.state.lock() {
+            *s = state;
+        }
+    }
 }
 
 /// A span of a frame's life timed into a latency histogram, in the order they happen.

@@ -42,6 +42,10 @@ pub fn prepare(opts: &RunOptions) -> Result<Prepared> {
                 ort_lib: c.model.ort_lib.clone(),
                 threads: c.model.threads,
                 batch: c.batching.max_batch,
+                frames: c
+                    .model
+                    .frames_stage()
+                    .then(|| valid.bundle.meta.input.clone()),
             },
         )
         .map_err(|source| DaemonError::Engine {
@@ -142,14 +146,18 @@ impl Topology {
         let stage = inference::InferenceStage {
             engine: p.engine,
             input: spec.clone(),
-            queues,
+            batcher: inference::Batcher::new(
+                queues,
+                cams.clone(),
+                c.batching.max_batch,
+                Duration::from_millis(c.batching.max_wait_ms),
+            ),
             cameras: cams.clone(),
             out: inferred_tx,
-            max_batch: c.batching.max_batch,
-            max_wait: Duration::from_millis(c.batching.max_wait_ms),
             telemetry: telemetry.clone(),
             stopping: stop.clone(),
             batch_input: Vec::new(),
+            batch_bytes: Vec::new(),
         };
         let inference = std::thread::Builder::new()
             .name("inference".into())

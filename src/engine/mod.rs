@@ -3,10 +3,14 @@
 //! Loading and running are separate: an [`EngineKind`] plus options loads a graph into
 //! a `Box<dyn Engine>`, which only runs.
 
+pub mod frames;
 pub mod onnxruntime;
 #[cfg(feature = "tract")]
 pub mod tract;
 
+pub use frames::PixelLayout;
+
+use crate::preprocess::InputSpec;
 use std::path::PathBuf;
 
 /// Values of one graph output.
@@ -59,6 +63,8 @@ pub enum EngineError {
     Output(String),
     #[error("the model returned results for {got} images, {asked} asked")]
     Batch { got: usize, asked: usize },
+    #[error("engine `{0}` has no frames stage; pre-process the frames before running")]
+    NoFramesStage(&'static str),
 }
 
 /// Runs one ONNX graph on batches.
@@ -69,6 +75,22 @@ pub trait Engine: Send {
     /// The only batch size this engine runs, if it has one (tract).
     fn fixed_batch(&self) -> Option<usize> {
         None
+    }
+    /// Whether [`Engine::run_frames`] works: the engine was loaded with a frames stage.
+    fn takes_frames(&self) -> bool {
+        false
+    }
+    /// Runs on camera frames as captured: `frames` holds `shape` = [N,H,W,C] bytes laid
+    /// out as `layout`; the engine's frames stage pre-processes them
+    /// ([`frames::frames_graph`]).
+    fn run_frames(
+        &mut self,
+        frames: &[u8],
+        shape: [usize; 4],
+        layout: PixelLayout,
+    ) -> Result<Vec<NamedTensor>, EngineError> {
+        let _ = (frames, shape, layout);
+        Err(EngineError::NoFramesStage(self.name()))
     }
 }
 
@@ -92,6 +114,8 @@ pub struct EngineOptions {
     pub threads: Option<usize>,
     /// Fixed batch size, for engines that need one (tract).
     pub batch: usize,
+    /// Load a frames stage for this input as well (engines that have one: onnxruntime).
+    pub frames: Option<InputSpec>,
 }
 
 impl EngineKind {

@@ -2,10 +2,11 @@
 //! (no build-time download, no link dependency). The library is the one `cras setup`
 //! extracts from the pinned PyPI wheel, or any given by --ort-lib / ORT_DYLIB_PATH.
 
+use super::frames::{PixelLayout, frames_graph};
 use super::{Engine, EngineError, EngineOptions, NamedTensor, Values};
-use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::value::Tensor;
+use ort::session::{Session, SessionOutputs};
+use ort::value::{Tensor, TensorRef};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -98,33 +99,81 @@ pub fn ensure_runtime(explicit: Option<&Path>) -> Result<PathBuf, EngineError> {
 
 pub struct OrtEngine {
     session: Session,
+    /// The frames stage ([`frames_graph`]), when loaded with one.
+    frames: Option<Session>,
 }
 
 fn load_err(e: impl std::fmt::Display) -> EngineError {
     EngineError::Load(e.to_string())
 }
 
+fn run_err(e: ort::Error) -> EngineError {
+    EngineError::Run(e.to_string())
+}
+
+/// A session on `threads` intra-op threads; `spin` lets them busy-wait for the next run.
+fn session(model: &[u8], threads: usize, spin: bool) -> Result<Session, EngineError> {
+    let env = ENVIRONMENT
+        .get()
+        .ok_or_else(|| EngineError::Load("onnxruntime environment not initialised".into()))?;
+    Session::builder(env)
+        .map_err(load_err)?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(load_err)?
+        .with_intra_threads(threads)
+        .map_err(load_err)?
+        .with_intra_op_spinning(spin)
+        .map_err(load_err)?
+        .commit_from_memory(model)
+        .map_err(load_err)
+}
+
 impl OrtEngine {
     pub fn load(model: &[u8], opts: &EngineOptions) -> Result<OrtEngine, EngineError> {
         ensure_runtime(opts.ort_lib.as_deref())?;
-        let env = ENVIRONMENT
-            .get()
-            .ok_or_else(|| EngineError::Load("onnxruntime environment not initialised".into()))?;
         let threads = opts.threads.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
         });
-        let session = Session::builder(env)
-            .map_err(load_err)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(load_err)?
-            .with_intra_threads(threads)
-            .map_err(load_err)?
-            .commit_from_memory(model)
-            .map_err(load_err)?;
-        Ok(OrtEngine { session })
+        let frames = match &opts.frames {
+            Some(spec) => Some(
+                session(&frames_graph(spec), threads, false)
+                    .map_err(|e| EngineError::Load(format!("the frames stage: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(OrtEngine {
+            session: session(model, threads, true)?,
+            frames,
+        })
     }
+}
+
+/// Every output of a run, copied out of onnxruntime's buffers.
+fn collect(outputs: SessionOutputs<'_>) -> Result<Vec<NamedTensor>, EngineError> {
+    let mut result = Vec::new();
+    for (name, value) in outputs.iter() {
+        let (shape, values) = if let Ok((s, v)) = value.try_extract_tensor::<f32>() {
+            (
+                s.iter().map(|d| *d as usize).collect(),
+                Values::F32(v.to_vec()),
+            )
+        } else if let Ok((s, v)) = value.try_extract_tensor::<i64>() {
+            (
+                s.iter().map(|d| *d as usize).collect(),
+                Values::I64(v.to_vec()),
+            )
+        } else {
+            return Err(EngineError::Output(name.to_string()));
+        };
+        result.push(NamedTensor {
+            name: name.to_string(),
+            shape,
+            values,
+        });
+    }
+    Ok(result)
 }
 
 impl Engine for OrtEngine {
@@ -133,34 +182,47 @@ impl Engine for OrtEngine {
     }
 
     fn run(&mut self, image: &[f32], shape: [usize; 4]) -> Result<Vec<NamedTensor>, EngineError> {
-        let run_err = |e: ort::Error| EngineError::Run(e.to_string());
-        let input = Tensor::from_array((shape.to_vec(), image.to_vec().into_boxed_slice()))
-            .map_err(run_err)?;
+        let input = TensorRef::from_array_view((shape, image)).map_err(run_err)?;
         let outputs = self
             .session
             .run(ort::inputs!["image" => input])
             .map_err(run_err)?;
-        let mut result = Vec::new();
-        for (name, value) in outputs.iter() {
-            let (shape, values) = if let Ok((s, v)) = value.try_extract_tensor::<f32>() {
-                (
-                    s.iter().map(|d| *d as usize).collect(),
-                    Values::F32(v.to_vec()),
-                )
-            } else if let Ok((s, v)) = value.try_extract_tensor::<i64>() {
-                (
-                    s.iter().map(|d| *d as usize).collect(),
-                    Values::I64(v.to_vec()),
-                )
-            } else {
-                return Err(EngineError::Output(name.to_string()));
-            };
-            result.push(NamedTensor {
-                name: name.to_string(),
-                shape,
-                values,
-            });
+        collect(outputs)
+    }
+
+    fn takes_frames(&self) -> bool {
+        self.frames.is_some()
+    }
+
+    fn run_frames(
+        &mut self,
+        frames: &[u8],
+        shape: [usize; 4],
+        layout: PixelLayout,
+    ) -> Result<Vec<NamedTensor>, EngineError> {
+        let Some(stage) = self.frames.as_mut() else {
+            return Err(EngineError::NoFramesStage("onnxruntime"));
+        };
+        if shape[3] != layout.channels() || shape.iter().product::<usize>() != frames.len() {
+            return Err(EngineError::Run(format!(
+                "{} bytes of frames do not make {shape:?} in {layout:?}",
+                frames.len()
+            )));
         }
-        Ok(result)
+        let input = TensorRef::from_array_view((shape, frames)).map_err(run_err)?;
+        let channels =
+            Tensor::from_array(([3usize], layout.rgb_indices().to_vec())).map_err(run_err)?;
+        let mut prepared = stage
+            .run(ort::inputs!["frames" => input, "channels" => channels])
+            .map_err(run_err)?;
+        let image = prepared
+            .remove("image")
+            .ok_or_else(|| EngineError::Output("image (frames stage)".into()))?;
+        drop(prepared);
+        let outputs = self
+            .session
+            .run(ort::inputs!["image" => image])
+            .map_err(run_err)?;
+        collect(outputs)
     }
 }

@@ -23,6 +23,7 @@ pub enum Attr {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ElemType {
     F32 = 1,
+    U8 = 2,
     I64 = 7,
 }
 
@@ -67,11 +68,22 @@ pub struct GraphBuilder {
     outputs: Vec<ValueInfo>,
     counter: usize,
     metadata: Vec<(String, String)>,
+    /// Opset of the default domain; [`OPSET`] unless set.
+    opset: Option<i64>,
 }
 
 impl GraphBuilder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A builder whose model imports `opset` of the default domain instead of [`OPSET`]
+    /// (the frames stage needs 18 for Resize's `antialias`).
+    pub fn with_opset(opset: i64) -> Self {
+        GraphBuilder {
+            opset: Some(opset),
+            ..Self::default()
+        }
     }
 
     fn fresh(&mut self, hint: &str) -> String {
@@ -294,7 +306,8 @@ impl GraphBuilder {
         )
     }
 
-    /// Encodes the model (opset 17) as ONNX protobuf bytes.
+    /// Encodes the model (opset 17 unless built [`GraphBuilder::with_opset`]) as ONNX
+    /// protobuf bytes.
     pub fn to_bytes(&self, graph_name: &str, producer: &str) -> Vec<u8> {
         let mut graph = Encoder::new();
         for n in &self.nodes {
@@ -317,7 +330,7 @@ impl GraphBuilder {
         model.message(7, &graph.into_bytes());
         let mut opset = Encoder::new();
         opset.string(1, "");
-        opset.int(2, OPSET);
+        opset.int(2, self.opset.unwrap_or(OPSET));
         model.message(8, &opset.into_bytes());
         for (k, v) in &self.metadata {
             let mut e = Encoder::new();

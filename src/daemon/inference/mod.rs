@@ -1,0 +1,243 @@
+//! Inference: one thread takes frames from every camera's queue, batches them
+//! ([`batcher`]: at most one frame per camera, waiting only for live cameras), prepares
+//! them (in Rust, or in the engine's frames stage), runs the engine and passes each
+//! frame's outputs on.
+
+pub mod batcher;
+mod config;
+
+pub use batcher::Batcher;
+pub use config::{BatchingConfig, ModelConfig, Preprocess};
+
+use super::capture::Frame;
+use super::telemetry::{CameraTelemetry, Latency, Stage, Telemetry};
+use crate::engine::{CrasOutputs, Engine, EngineError, PixelLayout};
+use crate::preprocess::{InputSpec, check_size, normalise_into, resize_and_crop};
+use crossbeam_channel::Sender;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// One frame's model outputs.
+pub struct Inferred {
+    pub camera: usize,
+    pub number: u64,
+    pub captured_ms: i64,
+    pub captured: Instant,
+    pub width: usize,
+    pub height: usize,
+    pub score: f32,
+    pub class_id: i64,
+    pub map: Vec<f32>,
+    pub map_hw: (usize, usize),
+    /// The frame as captured, for the operator view.
+    pub image: image::RgbImage,
+    pub queue_ms: f64,
+    pub preprocess_ms: f64,
+    pub inference_ms: f64,
+}
+
+pub struct InferenceStage {
+    pub engine: Box<dyn Engine>,
+    pub input: InputSpec,
+    pub batcher: Batcher,
+    pub cameras: Vec<Arc<CameraTelemetry>>,
+    pub out: Sender<Inferred>,
+    pub telemetry: Arc<Telemetry>,
+    /// Set when the daemon stops: end once every camera queue is closed and empty.
+    /// (Cameras whose stream ended close their queue too; without a stop this stage
+    /// keeps idling, so the watchdog still sees it alive.)
+    pub stopping: Arc<AtomicBool>,
+    /// The engine input, reused from batch to batch: normalised floats (Rust
+    /// pre-processing) or frame bytes (the engine's frames stage).
+    pub batch_input: Vec<f32>,
+    pub batch_bytes: Vec<u8>,
+}
+
+/// One engine call's results for its frames.
+struct Ran {
+    outs: Result<CrasOutputs, EngineError>,
+    /// Per frame: milliseconds of host-side preparation.
+    prepare_ms: Vec<f64>,
+    inference_ms: f64,
+}
+
+impl InferenceStage {
+    /// Runs until every camera queue is closed and empty; hands the engine back.
+    pub fn run(mut self) -> Box<dyn Engine> {
+        loop {
+            self.telemetry.beat(Stage::Inference);
+            if !self.batcher.any_open() {
+                if self.stopping.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+                continue;
+            }
+            let batch = self.batcher.next(Duration::from_millis(250));
+            if batch.is_empty() {
+                continue;
+            }
+            for (q, c) in self.batcher.queues.iter().zip(&self.cameras) {
+                c.queue_depth.store(q.len(), Ordering::Relaxed);
+            }
+            if !self.run_batch(batch) {
+                break;
+            }
+        }
+        self.engine
+    }
+
+    /// The frames the pre-processing can take; the others are counted as failed.
+    fn refuse_bad_sizes(&self, batch: Vec<Frame>) -> Vec<Frame> {
+        batch
+            .into_iter()
+            .filter(|f| match check_size(f.image.width(), f.image.height()) {
+                Ok(()) => true,
+                Err(e) => {
+                    let cam = &self.cameras[f.camera];
+                    cam.frames_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(camera = %cam.id, frame = f.number, "frame skipped: {e}");
+                    false
+                }
+            })
+            .collect()
+    }
+
+    /// Runs one batch; false when the next stage is gone.
+    fn run_batch(&mut self, batch: Vec<Frame>) -> bool {
+        let batch = self.refuse_bad_sizes(batch);
+        if batch.is_empty() {
+            return true;
+        }
+        let started = Instant::now();
+        if !self.engine.takes_frames() {
+            let ran = self.run_prepared(&batch);
+            return self.emit(batch, ran, started);
+        }
+        // The frames stage takes one frame size per call: a call per size in the batch.
+        let mut groups: Vec<Vec<Frame>> = Vec::new();
+        for f in batch {
+            match groups
+                .iter_mut()
+                .find(|g| g[0].image.dimensions() == f.image.dimensions())
+            {
+                Some(g) => g.push(f),
+                None => groups.push(vec![f]),
+            }
+        }
+        for group in groups {
+            let ran = self.run_frames(&group);
+            if !self.emit(group, ran, started) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Rust pre-processing, then the graph.
+    fn run_prepared(&mut self, batch: &[Frame]) -> Ran {
+        let spec = &self.input;
+        let n = batch.len();
+        let run_n = self.engine.fixed_batch().unwrap_or(n).max(n);
+        let per = 3 * spec.height * spec.width;
+        // One buffer for every batch: allocated once, refilled per batch.
+        let mut input = std::mem::take(&mut self.batch_input);
+        input.clear();
+        let mut prepare_ms = Vec::with_capacity(n);
+        for f in batch {
+            let t0 = Instant::now();
+            match resize_and_crop(&f.image, spec) {
+                Ok(crop) => normalise_into(&crop, spec, &mut input),
+                // Sizes were checked above; keep the batch aligned all the same.
+                Err(_) => input.resize(input.len() + per, 0.0),
+            }
+            prepare_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        input.resize(run_n * per, 0.0);
+        let t0 = Instant::now();
+        let outs = self
+            .engine
+            .run(&input, [run_n, 3, spec.height, spec.width])
+            .and_then(|outs| CrasOutputs::for_batch(outs, n));
+        let inference_ms = t0.elapsed().as_secs_f64() * 1e3;
+        self.batch_input = input;
+        Ran {
+            outs,
+            prepare_ms,
+            inference_ms,
+        }
+    }
+
+    /// Frame bytes into the engine's frames stage (frames of one size).
+    fn run_frames(&mut self, group: &[Frame]) -> Ran {
+        let n = group.len();
+        let (w, h) = group[0].image.dimensions();
+        let mut bytes = std::mem::take(&mut self.batch_bytes);
+        bytes.clear();
+        let mut prepare_ms = Vec::with_capacity(n);
+        for f in group {
+            let t0 = Instant::now();
+            bytes.extend_from_slice(f.image.as_raw());
+            prepare_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        let t0 = Instant::now();
+        let outs = self
+            .engine
+            .run_frames(&bytes, [n, h as usize, w as usize, 3], PixelLayout::Rgb)
+            .and_then(|outs| CrasOutputs::for_batch(outs, n));
+        let inference_ms = t0.elapsed().as_secs_f64() * 1e3;
+        self.batch_bytes = bytes;
+        Ran {
+            outs,
+            prepare_ms,
+            inference_ms,
+        }
+    }
+
+    /// Passes each frame's outputs on; false when the next stage is gone.
+    fn emit(&mut self, batch: Vec<Frame>, ran: Ran, started: Instant) -> bool {
+        let outs = match ran.outs {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!("inference failed for a batch of {}: {e}", batch.len());
+                for f in &batch {
+                    self.cameras[f.camera]
+                        .frames_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                return true;
+            }
+        };
+        for (i, f) in batch.into_iter().enumerate() {
+            let queue_ms = started.duration_since(f.captured).as_secs_f64() * 1e3;
+            let preprocess_ms = ran.prepare_ms[i];
+            self.telemetry.observe(Latency::Queue, queue_ms);
+            self.telemetry.observe(Latency::Preprocess, preprocess_ms);
+            self.telemetry.observe(Latency::Inference, ran.inference_ms);
+            let r = Inferred {
+                camera: f.camera,
+                number: f.number,
+                captured_ms: f.captured_ms,
+                captured: f.captured,
+                width: f.image.width() as usize,
+                height: f.image.height() as usize,
+                score: outs.image_scores[i],
+                class_id: outs.class_ids[i],
+                map: outs.map(i).to_vec(),
+                map_hw: outs.map_hw,
+                image: f.image,
+                queue_ms,
+                preprocess_ms,
+                inference_ms: ran.inference_ms,
+            };
+            if self.out.send(r).is_err() {
+                return false;
+            }
+        }
+        self.telemetry
+            .infer_queue_depth
+            .store(self.out.len(), Ordering::Relaxed);
+        true
+    }
+}
