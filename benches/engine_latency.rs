@@ -11,11 +11,13 @@
 //! and ../shared/fixtures, or CRAS_FIXTURES / CRAS_LITE0_PTH).
 //! Peak: CRAS_PEAK_GFLOPS, else cores x MHz x 32 FLOP/cycle (AVX2, two 8-lane FMA pipes).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use cras::backbone::{Backbone, BackboneKind};
 use cras::engine::{EngineKind, EngineOptions, PixelLayout};
 use cras::model::graph::{CrasModel, GraphOptions};
 use cras::model::head::{Centers, CrasHead};
-use cras::onnx::{Dim, ElemType, GraphBuilder};
 use cras::preprocess::{InputSpec, Normalization, normalise_into, resize_and_crop};
 use cras::weights::{StateDict, Tensor};
 use std::collections::BTreeMap;
@@ -153,20 +155,6 @@ fn median_ms(runs: usize, batch: usize, mut run: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
-/// A graph that hands its input back: the frames stage alone.
-fn identity_graph(spec: &InputSpec) -> Vec<u8> {
-    let mut g = GraphBuilder::new();
-    let dims = vec![
-        Dim::Sym("N"),
-        Dim::Fixed(3),
-        Dim::Fixed(spec.height as i64),
-        Dim::Fixed(spec.width as i64),
-    ];
-    let x = g.input("image", ElemType::F32, dims.clone());
-    g.output(&x, "prepared", ElemType::F32, dims);
-    g.to_bytes("identity", "bench")
-}
-
 /// Camera frame to scores: Rust pre-processing + graph against the frames stage.
 fn bench_frames(model: &CrasModel, runs: usize) {
     let onnx = model.to_onnx(GraphOptions::default()).expect("graph");
@@ -182,7 +170,7 @@ fn bench_frames(model: &CrasModel, runs: usize) {
         .expect("engine");
     let mut prep_only = EngineKind::Onnxruntime
         .load(
-            &identity_graph(&spec),
+            &common::identity_model(&spec),
             &EngineOptions {
                 frames: Some(spec.clone()),
                 ..Default::default()

@@ -7,23 +7,8 @@ mod common;
 use common::*;
 use cras::engine::{CrasOutputs, EngineKind, EngineOptions, PixelLayout};
 use cras::model::bundle::Bundle;
-use cras::onnx::{Dim, ElemType, GraphBuilder};
 use cras::preprocess::{InputSpec, Normalization, load_rgb, normalise_into, resize_and_crop};
 use image::RgbImage;
-
-/// A model that hands its input back: what the frames stage produced.
-fn identity_model(spec: &InputSpec) -> Vec<u8> {
-    let mut g = GraphBuilder::new();
-    let dims = vec![
-        Dim::Sym("N"),
-        Dim::Fixed(3),
-        Dim::Fixed(spec.height as i64),
-        Dim::Fixed(spec.width as i64),
-    ];
-    let x = g.input("image", ElemType::F32, dims.clone());
-    g.output(&x, "prepared", ElemType::F32, dims);
-    g.to_bytes("identity", "test")
-}
 
 /// The frame's bytes as a camera in `layout` would deliver them.
 fn as_layout(img: &RgbImage, layout: PixelLayout) -> Vec<u8> {

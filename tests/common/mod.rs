@@ -185,3 +185,19 @@ pub fn lite0_bundle(dir: &Path, name: &str) -> PathBuf {
     assert_eq!(code, 0, "import-reference failed: {err}");
     out
 }
+
+/// A model that hands its `image` input back as `prepared`: what an engine's frames
+/// stage produced for `spec`.
+pub fn identity_model(spec: &cras::preprocess::InputSpec) -> Vec<u8> {
+    use cras::onnx::{Dim, ElemType, GraphBuilder};
+    let mut g = GraphBuilder::new();
+    let dims = vec![
+        Dim::Sym("N"),
+        Dim::Fixed(3),
+        Dim::Fixed(spec.height as i64),
+        Dim::Fixed(spec.width as i64),
+    ];
+    let x = g.input("image", ElemType::F32, dims.clone());
+    g.output(&x, "prepared", ElemType::F32, dims);
+    g.to_bytes("identity", "test")
+}

@@ -54,7 +54,7 @@ impl Batcher {
         let Some(first) = self.wait(&taken, idle) else {
             return Vec::new();
         };
-        taken[first.camera.min(n.saturating_sub(1))] = true;
+        mark(&mut taken, &first);
         let mut batch = vec![first];
         let deadline = Instant::now() + self.max_wait;
         while batch.len() < self.max_batch {
@@ -81,9 +81,7 @@ impl Batcher {
             }
             match self.wait(&taken, deadline - now) {
                 Some(f) => {
-                    if let Some(t) = taken.get_mut(f.camera) {
-                        *t = true;
-                    }
+                    mark(&mut taken, &f);
                     batch.push(f);
                 }
                 None => break,
@@ -130,6 +128,13 @@ impl Batcher {
                 }
             }
         }
+    }
+}
+
+/// Notes that `f`'s camera is in the batch.
+fn mark(taken: &mut [bool], f: &Frame) {
+    if let Some(t) = taken.get_mut(f.camera) {
+        *t = true;
     }
 }
 

@@ -11,7 +11,7 @@ pub use config::{BatchingConfig, ModelConfig, Preprocess};
 
 use super::capture::Frame;
 use super::telemetry::{CameraTelemetry, Latency, Stage, Telemetry};
-use crate::engine::{CrasOutputs, Engine, EngineError, PixelLayout};
+use crate::engine::{CrasOutputs, Engine, EngineError, NamedTensor, PixelLayout};
 use crate::preprocess::{InputSpec, check_size, normalise_into, resize_and_crop};
 use crossbeam_channel::Sender;
 use std::sync::Arc;
@@ -60,6 +60,23 @@ struct Ran {
     /// Per frame: milliseconds of host-side preparation.
     prepare_ms: Vec<f64>,
     inference_ms: f64,
+}
+
+impl Ran {
+    /// Times one engine call on `n` frames and checks it answered for all of them.
+    fn timed(
+        n: usize,
+        prepare_ms: Vec<f64>,
+        call: impl FnOnce() -> Result<Vec<NamedTensor>, EngineError>,
+    ) -> Ran {
+        let t0 = Instant::now();
+        let outs = call().and_then(|outs| CrasOutputs::for_batch(outs, n));
+        Ran {
+            outs,
+            prepare_ms,
+            inference_ms: t0.elapsed().as_secs_f64() * 1e3,
+        }
+    }
 }
 
 impl InferenceStage {
@@ -155,18 +172,10 @@ impl InferenceStage {
             prepare_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         input.resize(run_n * per, 0.0);
-        let t0 = Instant::now();
-        let outs = self
-            .engine
-            .run(&input, [run_n, 3, spec.height, spec.width])
-            .and_then(|outs| CrasOutputs::for_batch(outs, n));
-        let inference_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let shape = [run_n, 3, spec.height, spec.width];
+        let ran = Ran::timed(n, prepare_ms, || self.engine.run(&input, shape));
         self.batch_input = input;
-        Ran {
-            outs,
-            prepare_ms,
-            inference_ms,
-        }
+        ran
     }
 
     /// Frame bytes into the engine's frames stage (frames of one size).
@@ -181,18 +190,12 @@ impl InferenceStage {
             bytes.extend_from_slice(f.image.as_raw());
             prepare_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         }
-        let t0 = Instant::now();
-        let outs = self
-            .engine
-            .run_frames(&bytes, [n, h as usize, w as usize, 3], PixelLayout::Rgb)
-            .and_then(|outs| CrasOutputs::for_batch(outs, n));
-        let inference_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let shape = [n, h as usize, w as usize, 3];
+        let ran = Ran::timed(n, prepare_ms, || {
+            self.engine.run_frames(&bytes, shape, PixelLayout::Rgb)
+        });
         self.batch_bytes = bytes;
-        Ran {
-            outs,
-            prepare_ms,
-            inference_ms,
-        }
+        ran
     }
 
     /// Passes each frame's outputs on; false when the next stage is gone.
