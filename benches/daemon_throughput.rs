@@ -67,7 +67,7 @@ fn engine_rate(model: &Path, n: usize, threads: Option<usize>) -> f64 {
                 ort_lib: None,
                 threads,
                 batch: n,
-                frames: None,
+                ..Default::default()
             },
         )
         .unwrap();

@@ -18,6 +18,7 @@ pub mod model;
 pub mod onnx;
 pub mod overlay;
 pub mod path_error;
+pub mod prepare_engine;
 pub mod preprocess;
 pub mod rng;
 pub mod setup;

@@ -78,6 +78,22 @@ fn good_config_passes_and_each_mistake_is_named() {
             good.replace(&at, &format!("{at}\n  engine: tract\n  preprocess: graph")),
             &["model.preprocess", "onnxruntime"],
         ),
+        (
+            good.replace(&at, &format!("{at}\n  provider: opencl")),
+            &["provider", "opencl"],
+        ),
+        (
+            good.replace(&at, &format!("{at}\n  engine: tract\n  provider: cuda")),
+            &["model.provider", "onnxruntime"],
+        ),
+        (
+            good.replace(&at, &format!("{at}\n  gpu: {{builder_level: 9}}")),
+            &["model.gpu.builder_level", "0 to 5"],
+        ),
+        (
+            good.replace(&at, &format!("{at}\n  gpu: {{policy: always}}")),
+            &["policy", "always"],
+        ),
         (good.replace("  url: mqtt://127.0.0.1:1883\n", ""), &["url"]),
         (
             good.replace("id: cam2", "id: cam1"),

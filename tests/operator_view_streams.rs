@@ -20,10 +20,19 @@ fn rtsp_config(rig: &Rig, port: u16, extra: &str) {
     .unwrap();
 }
 
-/// ffprobe's `codec,width,height` of `url`, or its error output.
+/// ffprobe's `codec,width,height` of `url`, or its error output. The first viewer makes
+/// the server build its encoder, which under a full parallel test run on two cores can
+/// take longer than one ffprobe attempt: a second attempt says whether the stream is
+/// really missing or was only slow to start.
 fn probe(url: &str) -> Result<String, String> {
+    probe_once(url).or_else(|first| {
+        probe_once(url).map_err(|second| format!("first try: {first}\nsecond try: {second}"))
+    })
+}
+
+fn probe_once(url: &str) -> Result<String, String> {
     let out = Command::new("timeout")
-        .args(["30", "ffprobe", "-v", "error", "-rtsp_transport", "tcp"])
+        .args(["45", "ffprobe", "-v", "error", "-rtsp_transport", "tcp"])
         .args([
             "-show_entries",
             "stream=codec_name,width,height",
@@ -36,7 +45,11 @@ fn probe(url: &str) -> Result<String, String> {
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        Err(format!(
+            "{} ({})",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            out.status
+        ))
     }
 }
 

@@ -6,6 +6,7 @@
 mod calibrate;
 mod check_config;
 mod demo;
+mod engine;
 mod eval;
 mod import;
 mod infer;
@@ -56,6 +57,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Set per-class alarm thresholds in model.yaml (see docs/calibration in `cras calibrate --help`).
     Calibrate(calibrate::CalibrateArgs),
+    /// GPU engines: `cras engine prepare` builds and checks a TensorRT engine ahead of time.
+    Engine(engine::EngineCmd),
 }
 
 impl Cli {
@@ -71,6 +74,7 @@ impl Cli {
             Command::Run(a) => a.run(),
             Command::Demo(a) => a.run(),
             Command::Calibrate(a) => a.run(),
+            Command::Engine(a) => a.run(),
         }
     }
 
@@ -118,7 +122,7 @@ impl RuntimeArgs {
             ort_lib: self.ort_lib.clone(),
             threads: self.threads,
             batch,
-            frames: None,
+            ..Default::default()
         }
     }
 }

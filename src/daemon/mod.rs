@@ -97,7 +97,7 @@ fn status_line(t: &Telemetry) -> String {
         .iter()
         .filter(|c| c.state() == telemetry::CameraState::Running)
         .count();
-    format!(
+    let line = format!(
         "{running}/{} cameras running, {} alarms spooled, broker {}",
         cams.len(),
         t.alarms_spooled.load(Ordering::Relaxed),
@@ -106,7 +106,11 @@ fn status_line(t: &Telemetry) -> String {
         } else {
             "unreachable"
         }
-    )
+    );
+    match t.engine.get().status() {
+        e if e.is_empty() => line,
+        e => format!("{line}, {e}"),
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -345,7 +349,7 @@ fn log_start(p: &Prepared) {
         c.device.id,
         p.valid.bundle.model_id(),
         p.valid.bundle.meta.classes.join(", "),
-        p.engine.name(),
+        p.engines.serving.name(),
         c.cameras.len(),
         config::redact_credentials(&c.mqtt.url)
     );

@@ -17,6 +17,7 @@ pub fn render(t: &Telemetry) -> String {
     queues(&mut o, t, &cams);
     latencies(&mut o, t);
     totals(&mut o, t);
+    engine(&mut o, t);
     let model = t.model_id.lock().map(|m| m.clone()).unwrap_or_default();
     let _ = writeln!(
         o,
@@ -24,6 +25,31 @@ pub fn render(t: &Telemetry) -> String {
         u8::from(t.model_loaded.load(Ordering::Relaxed))
     );
     o
+}
+
+/// Where the engine runs against the configuration, and its background build.
+fn engine(o: &mut String, t: &Telemetry) {
+    let r = t.engine.get();
+    let _ = writeln!(
+        o,
+        "# HELP cras_engine_info The engine's provider now, the one configured, and its state \
+         (serving, building, checking, refused, failed).\n# TYPE cras_engine_info gauge\n\
+         cras_engine_info{{provider=\"{}\",wanted=\"{}\",state=\"{}\"}} 1",
+        r.provider, r.wanted, r.state
+    );
+    let _ = writeln!(
+        o,
+        "# HELP cras_engine_fallback 1 while the engine serves on another provider than \
+         configured (model.gpu.policy: prefer).\n# TYPE cras_engine_fallback gauge\n\
+         cras_engine_fallback {}",
+        u8::from(r.fell_back())
+    );
+    let _ = writeln!(
+        o,
+        "# HELP cras_engine_swaps_total Engines swapped in after a background build and \
+         check.\n# TYPE cras_engine_swaps_total counter\ncras_engine_swaps_total {}",
+        r.swaps
+    );
 }
 
 fn camera_counters(o: &mut String, cams: &[std::sync::Arc<CameraTelemetry>]) {

@@ -213,6 +213,8 @@ pub struct Telemetry {
     pub http_refused: AtomicU64,
     /// Failed accepts (out of file descriptors or memory); the server retries.
     pub http_accept_errors: AtomicU64,
+    /// The engine's provider and background build.
+    pub engine: super::inference::status::EngineStatus,
     /// Something the health message reports changed (camera state, reload).
     pub changed: AtomicBool,
     heartbeats: [AtomicU64; Stage::ALL.len()],
@@ -252,6 +254,7 @@ impl Telemetry {
             evidence: Default::default(),
             http_refused: AtomicU64::new(0),
             http_accept_errors: AtomicU64::new(0),
+            engine: Default::default(),
             changed: AtomicBool::new(false),
             heartbeats: Default::default(),
             stopped: Default::default(),

@@ -12,7 +12,6 @@ use super::operator::{self, OperatorView};
 use super::publish::PublisherSettings;
 use super::telemetry::{self, CameraState, CameraTelemetry, Telemetry};
 use super::{DaemonError, Result, RunOptions};
-use crate::engine::{Engine, EngineOptions};
 use crate::model::bundle::ClassThresholds;
 use crossbeam_channel::Sender;
 use std::collections::BTreeMap;
@@ -24,7 +23,7 @@ use std::time::{Duration, Instant};
 /// A configuration checked and its model loaded: ready to replace the running one.
 pub struct Prepared {
     pub valid: ValidConfig,
-    pub engine: Box<dyn Engine>,
+    pub engines: inference::engines::Engines,
     pub thresholds: BTreeMap<String, ClassThresholds>,
     pub publisher: PublisherSettings,
 }
@@ -33,26 +32,13 @@ pub struct Prepared {
 pub fn prepare(opts: &RunOptions) -> Result<Prepared> {
     let valid = Config::load(&opts.config)?.validate(&opts.config, &opts.pipelines)?;
     let c = &valid.config;
-    let engine = c
-        .model
-        .engine
-        .load(
-            &valid.bundle.onnx,
-            &EngineOptions {
-                ort_lib: c.model.ort_lib.clone(),
-                threads: c.model.threads,
-                batch: c.batching.max_batch,
-                frames: c
-                    .model
-                    .frames_stage()
-                    .then(|| valid.bundle.meta.input.clone()),
-            },
-        )
-        .map_err(|source| DaemonError::Engine {
+    let engines = inference::engines::load(&c.model, &valid.bundle, c.batching.max_batch).map_err(
+        |source| DaemonError::Engine {
             model: c.model.bundle.clone(),
             engine: c.model.engine.name(),
             source,
-        })?;
+        },
+    )?;
     let thresholds = c.model.thresholds(&valid.bundle);
     let publisher = PublisherSettings {
         mqtt: c.mqtt.clone(),
@@ -63,7 +49,7 @@ pub fn prepare(opts: &RunOptions) -> Result<Prepared> {
     };
     Ok(Prepared {
         valid,
-        engine,
+        engines,
         thresholds,
         publisher,
     })
@@ -90,7 +76,7 @@ impl Dead {
 pub struct Topology {
     stop: Arc<AtomicBool>,
     captures: Vec<(JoinHandle<()>, Arc<CameraTelemetry>)>,
-    inference: Option<JoinHandle<Box<dyn Engine>>>,
+    inference: Option<JoinHandle<inference::engines::Engines>>,
     judging: Option<JoinHandle<()>>,
     /// What the topology was built from, less the engine (which the inference thread
     /// hands back when it ends).
@@ -141,10 +127,20 @@ impl Topology {
                 .map_err(|e| DaemonError::Thread(format!("capture-{}", cam.id), e))?;
             captures.push((thread, cams[i].clone()));
         }
+        // Before the first status line goes out (READY).
+        let report = inference::status::EngineReport::new(
+            &p.engines.serving.placement(),
+            p.engines.wanted,
+            p.engines.note.clone(),
+        );
+        telemetry.engine.update(|r| *r = report);
         let (inferred_tx, inferred_rx) = crossbeam_channel::bounded(8);
         let model_id = p.valid.bundle.model_id();
         let stage = inference::InferenceStage {
-            engine: p.engine,
+            engine: p.engines.serving,
+            wanted: p.engines.wanted,
+            upgrade: p.engines.upgrade,
+            note: p.engines.note,
             input: spec.clone(),
             batcher: inference::Batcher::new(
                 queues,
@@ -238,7 +234,7 @@ impl Topology {
                 tracing::warn!("a camera pipeline did not stop within 5 s; left behind");
             }
         }
-        let engine = self.inference.take().and_then(|t| {
+        let engines = self.inference.take().and_then(|t| {
             wait_finished(&t, Instant::now() + Duration::from_secs(10))
                 .then(|| t.join().ok())
                 .flatten()
@@ -251,7 +247,7 @@ impl Topology {
         let (valid, thresholds, publisher) = self.built_from.take()?;
         Some(Prepared {
             valid,
-            engine: engine?,
+            engines: engines?,
             thresholds,
             publisher,
         })
@@ -336,7 +332,7 @@ mod tests {
     /// thread runs `capture`.
     fn with_capture(t: &Telemetry, capture: impl FnOnce() + Send + 'static) -> Topology {
         let cams = t.set_cameras(&["cam1".to_string()]);
-        let inference: JoinHandle<Box<dyn Engine>> = std::thread::spawn(|| {
+        let inference: JoinHandle<inference::engines::Engines> = std::thread::spawn(|| {
             loop {
                 std::thread::park();
             }

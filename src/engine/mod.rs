@@ -3,12 +3,17 @@
 //! Loading and running are separate: an [`EngineKind`] plus options loads a graph into
 //! a `Box<dyn Engine>`, which only runs.
 
+pub mod cache;
 pub mod frames;
+pub mod gpu_info;
 pub mod onnxruntime;
+pub mod provider;
 #[cfg(feature = "tract")]
 pub mod tract;
+pub mod upgrade;
 
 pub use frames::PixelLayout;
+pub use provider::{GpuOptions, Policy, Provider};
 
 use crate::preprocess::InputSpec;
 use std::path::PathBuf;
@@ -65,6 +70,20 @@ pub enum EngineError {
     Batch { got: usize, asked: usize },
     #[error("engine `{0}` has no frames stage; pre-process the frames before running")]
     NoFramesStage(&'static str),
+    #[error("model.provider `{provider}` is required (model.gpu.policy: require) but {reason}")]
+    Provider {
+        provider: &'static str,
+        reason: String,
+    },
+}
+
+/// Where an engine runs, against where it was asked to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Placement {
+    pub wanted: Provider,
+    pub serving: Provider,
+    /// Why `serving` is not `wanted` (policy `prefer`).
+    pub fallback: Option<String>,
 }
 
 /// Runs one ONNX graph on batches.
@@ -75,6 +94,10 @@ pub trait Engine: Send {
     /// The only batch size this engine runs, if it has one (tract).
     fn fixed_batch(&self) -> Option<usize> {
         None
+    }
+    /// The execution provider it runs on, and why not the one asked for.
+    fn placement(&self) -> Placement {
+        Placement::default()
     }
     /// Whether [`Engine::run_frames`] works: the engine was loaded with a frames stage.
     fn takes_frames(&self) -> bool {
@@ -116,6 +139,25 @@ pub struct EngineOptions {
     pub batch: usize,
     /// Load a frames stage for this input as well (engines that have one: onnxruntime).
     pub frames: Option<InputSpec>,
+    /// Where onnxruntime should run the graph, and the GPU settings when not the CPU.
+    pub provider: Provider,
+    pub gpu: GpuOptions,
+    /// The network input's height and width (a TensorRT engine is built for it).
+    pub input_hw: (usize, usize),
+    /// Where TensorRT keeps its engines (none: built at every start).
+    pub cache: Option<provider::CachePaths>,
+    /// onnxruntime's graph optimisations (all, unless looking into a parity question).
+    pub optimization: Optimization,
+}
+
+/// How much onnxruntime rewrites the graph before running it (node fusions change
+/// float rounding, never the method).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Optimization {
+    #[default]
+    All,
+    Basic,
+    Disabled,
 }
 
 impl EngineKind {

@@ -49,8 +49,12 @@ pub fn route(method: &str, path: &str, s: &Sources) -> Reply {
         },
         "/healthz" => {
             let why = s.telemetry.unhealthy_reasons();
-            if why.is_empty() {
+            let engine = s.telemetry.engine.get().status();
+            if why.is_empty() && engine.is_empty() {
                 text(200, "ok\n")
+            } else if why.is_empty() {
+                // Healthy, on another engine than configured or building one.
+                text(200, format!("ok\n{engine}\n"))
             } else {
                 text(503, why.join("\n") + "\n")
             }

@@ -1,7 +1,7 @@
 //! The `model:` and `batching:` sections of the daemon's configuration.
 
 use super::super::config::{Invalid, resolve, within};
-use crate::engine::EngineKind;
+use crate::engine::{EngineKind, GpuOptions, Provider};
 use crate::model::bundle::{Bundle, ClassThresholds};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +25,12 @@ pub struct ModelConfig {
     /// Where camera frames are resized and normalised.
     #[serde(default)]
     pub preprocess: Preprocess,
+    /// onnxruntime's execution provider: cpu, cuda or tensorrt.
+    #[serde(default)]
+    pub provider: Provider,
+    /// Device, policy (require | prefer) and TensorRT settings for a GPU provider.
+    #[serde(default)]
+    pub gpu: GpuOptions,
 }
 
 /// Where camera frames become the network's input.
@@ -65,6 +71,24 @@ impl ModelConfig {
                 ),
             ));
         }
+        if self.provider.is_gpu() && self.engine != EngineKind::Onnxruntime {
+            return Err(Invalid::new(
+                "model.provider",
+                format!(
+                    "`{}` runs on the onnxruntime engine (this is `{}`)",
+                    self.provider.name(),
+                    self.engine.name()
+                ),
+            ));
+        }
+        within("model.gpu.builder_level", self.gpu.builder_level, 0, 5, "")?;
+        within(
+            "model.gpu.workspace_mib",
+            self.gpu.workspace_mib,
+            16,
+            1 << 20,
+            " MiB",
+        )?;
         let classes = &bundle.meta.classes;
         for (class, t) in &self.thresholds {
             if !classes.contains(class) {
@@ -98,9 +122,10 @@ impl ModelConfig {
     pub fn frames_stage(&self) -> bool {
         match self.preprocess {
             Preprocess::Graph => true,
-            // Every provider today is the CPU, where the Rust path is faster
-            // (docs/decisions.md, "The frames stage").
-            Preprocess::Auto | Preprocess::Rust => false,
+            // On the CPU the Rust path is faster (docs/decisions.md, "The frames
+            // stage"); on a GPU the stage keeps the resize off the host.
+            Preprocess::Auto => self.provider.is_gpu(),
+            Preprocess::Rust => false,
         }
     }
 

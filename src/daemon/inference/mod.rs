@@ -5,12 +5,15 @@
 
 pub mod batcher;
 mod config;
+pub mod engines;
+pub mod status;
 
 pub use batcher::Batcher;
 pub use config::{BatchingConfig, ModelConfig, Preprocess};
 
 use super::capture::Frame;
 use super::telemetry::{CameraTelemetry, Latency, Stage, Telemetry};
+use crate::engine::upgrade::{Sample, SampleInput, Upgrade, UpgradeState};
 use crate::engine::{CrasOutputs, Engine, EngineError, NamedTensor, PixelLayout};
 use crate::preprocess::{InputSpec, check_size, normalise_into, resize_and_crop};
 use crossbeam_channel::Sender;
@@ -39,6 +42,12 @@ pub struct Inferred {
 
 pub struct InferenceStage {
     pub engine: Box<dyn Engine>,
+    /// The provider configured.
+    pub wanted: crate::engine::Provider,
+    /// The engine being built to replace it ([`engines`]).
+    pub upgrade: Option<Upgrade>,
+    /// Why the configured provider does not serve, beyond what the engine reports.
+    pub note: Option<String>,
     pub input: InputSpec,
     pub batcher: Batcher,
     pub cameras: Vec<Arc<CameraTelemetry>>,
@@ -80,10 +89,11 @@ impl Ran {
 }
 
 impl InferenceStage {
-    /// Runs until every camera queue is closed and empty; hands the engine back.
-    pub fn run(mut self) -> Box<dyn Engine> {
+    /// Runs until every camera queue is closed and empty; hands the engines back.
+    pub fn run(mut self) -> engines::Engines {
         loop {
             self.telemetry.beat(Stage::Inference);
+            self.poll_upgrade();
             if !self.batcher.any_open() {
                 if self.stopping.load(Ordering::Relaxed) {
                     break;
@@ -102,7 +112,57 @@ impl InferenceStage {
                 break;
             }
         }
-        self.engine
+        engines::Engines {
+            wanted: self.wanted,
+            serving: self.engine,
+            upgrade: self.upgrade,
+            note: self.note,
+        }
+    }
+
+    /// Between two batches: swaps in the new engine once it is built and checked, and
+    /// keeps the engine report up to date meanwhile.
+    fn poll_upgrade(&mut self) {
+        let Some(up) = self.upgrade.as_mut() else {
+            return;
+        };
+        up.log_progress();
+        if let Some(new) = up.take() {
+            let placement = new.placement();
+            tracing::info!(
+                "engine: now serving on {} ({})",
+                placement.serving.name(),
+                up.state().describe()
+            );
+            self.engine = new;
+            self.upgrade = None;
+            self.telemetry.engine.update(|r| r.swapped(&placement));
+            self.telemetry.changed.store(true, Ordering::Relaxed);
+            return;
+        }
+        let state = up.state();
+        let before = self.telemetry.engine.get().state;
+        self.telemetry.engine.update(|r| r.building(&state));
+        if matches!(state, UpgradeState::Refused(_) | UpgradeState::Failed(_)) {
+            self.upgrade = None;
+        }
+        if self.telemetry.engine.get().state != before {
+            self.telemetry.changed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Gives the engine being built a copy of a batch just run, while it wants some.
+    fn offer_sample(&self, ran: &Ran, n: usize, input: impl FnOnce() -> SampleInput) {
+        let (Some(up), Ok(outputs)) = (&self.upgrade, &ran.outs) else {
+            return;
+        };
+        if up.wants_sample() {
+            up.offer(Sample {
+                input: input(),
+                n,
+                outputs: outputs.clone(),
+            });
+        }
     }
 
     /// The frames the pre-processing can take; the others are counted as failed.
@@ -174,6 +234,10 @@ impl InferenceStage {
         input.resize(run_n * per, 0.0);
         let shape = [run_n, 3, spec.height, spec.width];
         let ran = Ran::timed(n, prepare_ms, || self.engine.run(&input, shape));
+        self.offer_sample(&ran, n, || SampleInput::Prepared {
+            data: input.clone(),
+            shape,
+        });
         self.batch_input = input;
         ran
     }
@@ -193,6 +257,11 @@ impl InferenceStage {
         let shape = [n, h as usize, w as usize, 3];
         let ran = Ran::timed(n, prepare_ms, || {
             self.engine.run_frames(&bytes, shape, PixelLayout::Rgb)
+        });
+        self.offer_sample(&ran, n, || SampleInput::Frames {
+            data: bytes.clone(),
+            shape,
+            layout: PixelLayout::Rgb,
         });
         self.batch_bytes = bytes;
         ran

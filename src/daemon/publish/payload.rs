@@ -158,6 +158,7 @@ pub fn health_json(t: &Telemetry, device: &str, site: &str, spooled: usize) -> s
         "healthy": problems.is_empty(),
         "problems": problems,
         "cameras": cams,
+        "engine": t.engine.get(),
         "alarms_spooled": spooled,
         "alarms_evicted_total": t.alarms_evicted.load(Ordering::Relaxed),
         "last_reload_error": t.last_reload_error.lock().ok().and_then(|e| e.clone()),

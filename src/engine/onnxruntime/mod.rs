@@ -3,10 +3,14 @@
 //! extracts from the pinned PyPI wheel, or any given by --ort-lib / ORT_DYLIB_PATH.
 
 use super::frames::{PixelLayout, frames_graph};
-use super::{Engine, EngineError, EngineOptions, NamedTensor, Values};
-use ort::session::builder::GraphOptimizationLevel;
+mod session;
+
+use super::provider::Provider;
+use super::{Engine, EngineError, EngineOptions, NamedTensor, Placement, Values};
 use ort::session::{Session, SessionOutputs};
 use ort::value::{Tensor, TensorRef};
+use session::placed_session;
+pub use session::unavailable;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -97,35 +101,30 @@ pub fn ensure_runtime(explicit: Option<&Path>) -> Result<PathBuf, EngineError> {
     }
 }
 
+/// The loaded library's version ("1.32.0"), from its build string; "unknown" before
+/// [`ensure_runtime`] succeeded.
+pub fn runtime_version() -> String {
+    if ENVIRONMENT.get().is_none() {
+        return "unknown".into();
+    }
+    version_from_build_info(ort::info()).unwrap_or_else(|| "unknown".into())
+}
+
+fn version_from_build_info(info: &str) -> Option<String> {
+    let branch = info.split("git-branch=").nth(1)?;
+    let v = branch.split([',', ' ']).next()?;
+    Some(v.trim_start_matches("rel-").to_string())
+}
+
 pub struct OrtEngine {
     session: Session,
     /// The frames stage ([`frames_graph`]), when loaded with one.
     frames: Option<Session>,
-}
-
-fn load_err(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Load(e.to_string())
+    placement: Placement,
 }
 
 fn run_err(e: ort::Error) -> EngineError {
     EngineError::Run(e.to_string())
-}
-
-/// A session on `threads` intra-op threads; `spin` lets them busy-wait for the next run.
-fn session(model: &[u8], threads: usize, spin: bool) -> Result<Session, EngineError> {
-    let env = ENVIRONMENT
-        .get()
-        .ok_or_else(|| EngineError::Load("onnxruntime environment not initialised".into()))?;
-    Session::builder(env)
-        .map_err(load_err)?
-        .with_optimization_level(GraphOptimizationLevel::All)
-        .map_err(load_err)?
-        .with_intra_threads(threads)
-        .map_err(load_err)?
-        .with_intra_op_spinning(spin)
-        .map_err(load_err)?
-        .commit_from_memory(model)
-        .map_err(load_err)
 }
 
 impl OrtEngine {
@@ -136,16 +135,30 @@ impl OrtEngine {
                 .map(|n| n.get())
                 .unwrap_or(1)
         });
+        let model = placed_session(model, opts.provider, opts, threads, true)?;
+        // The frames stage's antialiased resize is no TensorRT layer: on a GPU the
+        // stage runs on CUDA (docs/decisions.md, "The frames stage").
+        let stage_on = if model.serving.is_gpu() {
+            Provider::Cuda
+        } else {
+            Provider::Cpu
+        };
         let frames = match &opts.frames {
             Some(spec) => Some(
-                session(&frames_graph(spec), threads, false)
-                    .map_err(|e| EngineError::Load(format!("the frames stage: {e}")))?,
+                placed_session(&frames_graph(spec), stage_on, opts, threads, false)
+                    .map_err(|e| EngineError::Load(format!("the frames stage: {e}")))?
+                    .session,
             ),
             None => None,
         };
         Ok(OrtEngine {
-            session: session(model, threads, true)?,
+            session: model.session,
             frames,
+            placement: Placement {
+                wanted: opts.provider,
+                serving: model.serving,
+                fallback: model.fallback,
+            },
         })
     }
 }
@@ -190,6 +203,10 @@ impl Engine for OrtEngine {
         collect(outputs)
     }
 
+    fn placement(&self) -> Placement {
+        self.placement.clone()
+    }
+
     fn takes_frames(&self) -> bool {
         self.frames.is_some()
     }
@@ -224,5 +241,19 @@ impl Engine for OrtEngine {
             .run(ort::inputs!["image" => image])
             .map_err(run_err)?;
         collect(outputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_version_comes_from_the_build_string() {
+        let info =
+            "ORT Build Info: git-branch=rel-1.32.0, git-commit-id=26250ae, build type=Release";
+        assert_eq!(
+            super::version_from_build_info(info).as_deref(),
+            Some("1.32.0")
+        );
+        assert_eq!(super::version_from_build_info("no branch"), None);
     }
 }
