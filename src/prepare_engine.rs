@@ -42,7 +42,7 @@ pub fn run(o: &PrepareOptions) -> Result<Prepared> {
     }
     let bundle = Bundle::read(&o.model)?;
     let spec = bundle.meta.input.clone();
-    crate::engine::onnxruntime::ensure_runtime(o.engine_options.ort_lib.as_deref())?;
+    crate::engine::onnxruntime::ensure_runtime(o.engine_options.ort_lib.as_deref(), true)?;
     let gpu_missing =
         |reason: String| ToolError::Options(format!("TensorRT unavailable: {reason}"));
     if let Some(why) = crate::engine::onnxruntime::unavailable(Provider::Tensorrt) {

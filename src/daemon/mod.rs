@@ -344,12 +344,16 @@ fn reload_rejected(telemetry: &Telemetry, e: &DaemonError, then: &str) {
 fn log_start(p: &Prepared) {
     let c = &p.valid.config;
     tracing::info!(
-        "device {}/{}: model {} ({}) on {}, {} camera(s), broker {}",
+        "device {}/{}: model {} ({}) on {} ({}, library {}), {} camera(s), broker {}",
         c.device.site,
         c.device.id,
         p.valid.bundle.model_id(),
         p.valid.bundle.meta.classes.join(", "),
         p.engines.serving.name(),
+        p.engines.serving.placement().serving.name(),
+        crate::engine::onnxruntime::loaded_library()
+            .map(|l| l.display().to_string())
+            .unwrap_or_else(|| "none".into()),
         c.cameras.len(),
         config::redact_credentials(&c.mqtt.url)
     );

@@ -74,7 +74,7 @@ pub fn tensorrt_version() -> Result<String, String> {
     // SAFETY: `getInferLibVersion` takes nothing and returns an int (NvInferRuntime.h).
     unsafe {
         let lib = libloading::Library::new("libnvinfer.so.10").map_err(|e| {
-            format!("no TensorRT 10 (libnvinfer.so.10: {e}); `cras setup --gpu` installs it")
+            format!("no TensorRT 10 (libnvinfer.so.10: {e}); see docs/gpu.md for where to get it")
         })?;
         let f: libloading::Symbol<Version> = lib
             .get(b"getInferLibVersion\0")
@@ -82,6 +82,63 @@ pub fn tensorrt_version() -> Result<String, String> {
         Ok(format_tensorrt_version(f()))
     }
 }
+
+/// Loads every NVIDIA library in the folder of `library` (a GPU build of onnxruntime),
+/// globally, in an order that satisfies their dependencies on each other: onnxruntime's
+/// CUDA and TensorRT provider libraries name them without a search path. What cannot
+/// load (no driver, a missing dependency) is logged; the provider's registration then
+/// says what failed.
+#[cfg(feature = "gpu")]
+pub fn preload_beside(library: &std::path::Path) {
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+    static LOADED: std::sync::OnceLock<Vec<Library>> = std::sync::OnceLock::new();
+    let Some(dir) = library.parent() else {
+        return;
+    };
+    let mut pending: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                    name.contains(".so")
+                        && !name.starts_with("libonnxruntime")
+                        && !name.ends_with(".part")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    pending.sort();
+    let mut loaded = Vec::new();
+    // Load what can be loaded until a round loads nothing more.
+    loop {
+        let before = pending.len();
+        let mut errors = Vec::new();
+        pending.retain(|p| {
+            // SAFETY: NVIDIA's libraries from the pinned wheels; their initialisers only
+            // set up their own state.
+            match unsafe { Library::open(Some(p), RTLD_NOW | RTLD_GLOBAL) } {
+                Ok(lib) => {
+                    loaded.push(lib);
+                    false
+                }
+                Err(e) => {
+                    errors.push(e.to_string());
+                    true
+                }
+            }
+        });
+        if pending.is_empty() || pending.len() == before {
+            for e in errors {
+                tracing::debug!("not preloaded: {e}");
+            }
+            break;
+        }
+    }
+    let _ = LOADED.set(loaded);
+}
+
+#[cfg(not(feature = "gpu"))]
+pub fn preload_beside(_: &std::path::Path) {}
 
 #[cfg(not(feature = "gpu"))]
 pub fn gpu_identity(_: u32) -> Result<GpuIdentity, String> {

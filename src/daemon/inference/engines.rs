@@ -78,7 +78,7 @@ pub fn load(
         })
     };
     // The library first: its build and version decide before the GPU is asked.
-    crate::engine::onnxruntime::ensure_runtime(model.ort_lib.as_deref())?;
+    crate::engine::onnxruntime::ensure_runtime(model.ort_lib.as_deref(), true)?;
     let key = match crate::engine::onnxruntime::unavailable(Provider::Tensorrt).map_or_else(
         || {
             cache::key_for(

@@ -41,6 +41,11 @@ pub fn data_dir() -> PathBuf {
     home.join(".local/share/cras")
 }
 
+/// The libonnxruntime this process loaded, once it did.
+pub fn loaded_library() -> Option<PathBuf> {
+    RUNTIME.get().and_then(|r| r.as_ref().ok()).cloned()
+}
+
 /// The library file `cras setup` installs.
 pub fn installed_library() -> PathBuf {
     data_dir()
@@ -48,7 +53,7 @@ pub fn installed_library() -> PathBuf {
         .join(format!("libonnxruntime.so.{PINNED_VERSION}"))
 }
 
-fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
+fn candidates(explicit: Option<&Path>, gpu: bool) -> Vec<PathBuf> {
     let mut c = Vec::new();
     if let Some(p) = explicit {
         c.push(p.to_path_buf());
@@ -58,6 +63,11 @@ fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
         c.push(PathBuf::from(p));
         return c;
     }
+    // The GPU build (`cras setup --gpu`) only where a GPU provider is asked for: the
+    // CPU library is the release the CPU path is tested with.
+    if gpu {
+        c.push(crate::setup::gpu::gpu_library());
+    }
     c.push(installed_library());
     // Where the Debian package puts it (`/usr/lib/cras`).
     c.push(crate::install::packaged(&format!(
@@ -66,10 +76,11 @@ fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
     c
 }
 
-/// Loads libonnxruntime once per process. Later calls return the first outcome.
-pub fn ensure_runtime(explicit: Option<&Path>) -> Result<PathBuf, EngineError> {
+/// Loads libonnxruntime once per process (the GPU build first when `gpu` and `cras
+/// setup --gpu` installed it). Later calls return the first outcome.
+pub fn ensure_runtime(explicit: Option<&Path>, gpu: bool) -> Result<PathBuf, EngineError> {
     let outcome = RUNTIME.get_or_init(|| {
-        let cands = candidates(explicit);
+        let cands = candidates(explicit, gpu);
         let Some(path) = cands.iter().find(|p| p.is_file()).cloned() else {
             let looked = cands
                 .iter()
@@ -77,6 +88,11 @@ pub fn ensure_runtime(explicit: Option<&Path>) -> Result<PathBuf, EngineError> {
                 .collect::<Vec<_>>();
             return Err(RuntimeFailure::Missing(looked.join(", ")));
         };
+        if gpu {
+            // The NVIDIA libraries beside a GPU build, loaded before the providers that
+            // need them (which carry no search path of their own).
+            super::gpu_info::preload_beside(&path);
+        }
         let fail = |e: &dyn std::fmt::Display| RuntimeFailure::Load(path.clone(), e.to_string());
         let builder = ort::init_from(&path).map_err(|e| fail(&e))?;
         // Microsoft builds send usage telemetry unless told not to (ort enables it by
@@ -129,7 +145,7 @@ fn run_err(e: ort::Error) -> EngineError {
 
 impl OrtEngine {
     pub fn load(model: &[u8], opts: &EngineOptions) -> Result<OrtEngine, EngineError> {
-        ensure_runtime(opts.ort_lib.as_deref())?;
+        ensure_runtime(opts.ort_lib.as_deref(), opts.provider.is_gpu())?;
         let threads = opts.threads.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())

@@ -3,7 +3,7 @@
 
 use super::super::provider::{InputShapes, Policy, Provider, ep_options, unavailable_reason};
 use super::super::{EngineError, EngineOptions, Optimization};
-use super::{ENVIRONMENT, RUNTIME};
+use super::ENVIRONMENT;
 use ort::ep::{ExecutionProvider, ExecutionProviderDispatch};
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
@@ -83,9 +83,7 @@ fn listed(provider: Provider) -> bool {
 /// Why the loaded library cannot run `provider`, if it cannot (the library is not
 /// loaded yet, or is a CPU build, or this binary lacks the `gpu` feature).
 pub fn unavailable(provider: Provider) -> Option<String> {
-    let library = RUNTIME
-        .get()
-        .and_then(|r| r.as_ref().ok())
+    let library = super::loaded_library()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
     unavailable_reason(provider, &library, listed(provider))
@@ -177,7 +175,9 @@ pub(super) fn placed_session(
                 reason,
             })
         } else {
-            cpu(Some(format!("{} unavailable: {reason}", wanted.name())))
+            let why = format!("{} unavailable: {reason}", wanted.name());
+            tracing::warn!("{why}; serving on the CPU (model.gpu.policy: prefer)");
+            cpu(Some(why))
         }
     };
     if let Some(reason) = unavailable(wanted) {
@@ -206,9 +206,9 @@ pub(super) fn placed_session(
             fallback: None,
         }),
         Err(e) => failed(format!(
-            "{e} (TensorRT needs libnvinfer.so.10 and libnvonnxparser.so.10; CUDA needs \
-             libcudart, libcublas and libcudnn of the library's CUDA major version: \
-             `cras setup --gpu` installs them)"
+            "{e} (CUDA needs the driver's libcuda.so.1 and libcudart, libcublas and libcudnn \
+             of the library's CUDA major version, which `cras setup --gpu` installs; \
+             TensorRT also needs libnvinfer.so.10 and libnvonnxparser.so.10, see docs/gpu.md)"
         )),
     }
 }

