@@ -11,6 +11,19 @@
 //! - paced: the cameras together offer about half the engine's rate; latency p50/p99
 //!   come from the daemon's end-to-end histogram (`/metrics`, interpolated in buckets).
 //!
+//! The sources' own CPU is accounted apart: every thread of the daemon is read from
+//! /proc (`utime + stime`); GStreamer's streaming threads (named `<element>:<pad>`, and
+//! GLib's `pool-*` workers) are the sources, everything else is the daemon. Two source
+//! kinds: `ball` (rendered and converted per frame, as before) and `solid-color`
+//! (nearly free: what the daemon costs with a source that costs nothing). The last
+//! column divides the judged rate by the engine's rate scaled to the cores the sources
+//! left: judged / (engine x (cores - source cores) / cores).
+//!
+//! `queue` (BENCH_ONLY=queue) prints the queue-latency histogram (capture to the start
+//! of the engine call) for one camera at 5 fps (the demo line's shape) and 4 cameras,
+//! default batching (max_batch 4, max_wait_ms 20). BENCH_CRAS_BIN runs another `cras`
+//! binary (an older build, for before/after).
+//!
 //! Run: `cargo bench --bench daemon_throughput` (needs `cras setup --backbone
 //! efficientnet_lite0` and ../shared/fixtures). BENCH_SECS (default 30) per load;
 //! BENCH_RSS_SECS (default 600) for the memory run, 0 to skip it.
@@ -102,9 +115,10 @@ fn sum_of(text: &str, prefix: &str) -> f64 {
         .sum()
 }
 
-fn e2e_buckets(text: &str) -> Vec<(f64, f64)> {
+fn stage_buckets(text: &str, stage: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("cras_stage_latency_ms_bucket{{stage=\"{stage}\"");
     text.lines()
-        .filter(|l| l.starts_with("cras_stage_latency_ms_bucket{stage=\"end_to_end\""))
+        .filter(|l| l.starts_with(&prefix))
         .filter_map(|l| {
             let le = l.split("le=\"").nth(1)?.split('"').next()?;
             let le = if le == "+Inf" {
@@ -131,19 +145,39 @@ impl Drop for Run {
     }
 }
 
-fn start(dir: &Path, model: &Path, cameras: usize, fps: u32, max_batch: usize) -> Run {
+/// How the daemon under test is set up.
+struct Load<'a> {
+    cameras: usize,
+    fps: u32,
+    pattern: &'a str,
+    max_batch: usize,
+    max_wait_ms: u64,
+}
+
+fn cras_bin() -> String {
+    std::env::var("BENCH_CRAS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cras").to_string())
+}
+
+fn start(dir: &Path, model: &Path, load: &Load) -> Run {
+    let Load {
+        cameras,
+        fps,
+        pattern,
+        max_batch,
+        max_wait_ms,
+    } = *load;
     let http = free_port();
     let mut cams = String::new();
     for i in 0..cameras {
         cams.push_str(&format!(
-            "  - {{id: cam{i}, pipeline: test-pattern, params: {{pattern: ball, width: 640, height: 480, fps: {fps}}}, max_fps: {fps}}}\n"
+            "  - {{id: cam{i}, pipeline: test-pattern, params: {{pattern: {pattern}, width: 640, height: 480, fps: {fps}}}, max_fps: {fps}}}\n"
         ));
     }
     let yaml = format!(
         "device: {{site: bench, id: box}}\n\
          model: {{bundle: {}, thresholds: {{alpha: {{image: 0.99, pixel: 0.99}}, beta: {{image: 0.99, pixel: 0.99}}}}}}\n\
          cameras:\n{cams}\
-         batching: {{max_batch: {max_batch}, max_wait_ms: 10}}\n\
+         batching: {{max_batch: {max_batch}, max_wait_ms: {max_wait_ms}}}\n\
          mqtt: {{url: \"mqtt://127.0.0.1:{}\", client_id: bench}}\n\
          spool: {{dir: {}}}\n\
          http: {{listen: \"127.0.0.1:{http}\"}}\n\
@@ -154,7 +188,7 @@ fn start(dir: &Path, model: &Path, cameras: usize, fps: u32, max_batch: usize) -
     );
     let cfg = dir.join("config.yaml");
     std::fs::write(&cfg, yaml).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_cras"))
+    let child = Command::new(cras_bin())
         .args(["run", "--config"])
         .arg(&cfg)
         .arg("--pipelines")
@@ -175,27 +209,148 @@ fn start(dir: &Path, model: &Path, cameras: usize, fps: u32, max_batch: usize) -
     run
 }
 
-/// (frames judged per s, frames dropped per s, p50 ms, p99 ms) over `secs`.
-fn measure(run: &Run, secs: u64) -> (f64, f64, f64, f64) {
+/// CPU seconds so far of each thread of `pid`: (name, seconds).
+fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
+    let tick = 100.0; // USER_HZ on Linux
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| {
+            let t = t.ok()?.path();
+            let name = std::fs::read_to_string(t.join("comm")).ok()?;
+            let stat = std::fs::read_to_string(t.join("stat")).ok()?;
+            // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some((name.trim().to_string(), ticks / tick))
+        })
+        .collect()
+}
+
+/// GStreamer's streaming threads and GLib's workers: the sources.
+fn is_source(thread: &str) -> bool {
+    thread.contains(':') || thread.starts_with("pool-")
+}
+
+/// CPU seconds of the sources and of the daemon's own threads.
+fn cpu_split(pid: u32) -> (f64, f64) {
+    thread_cpu(pid)
+        .iter()
+        .fold((0.0, 0.0), |(s, d), (name, secs)| {
+            if is_source(name) {
+                (s + secs, d)
+            } else {
+                (s, d + secs)
+            }
+        })
+}
+
+/// Cores per thread name over the window (BENCH_THREADS=1), busiest first.
+fn print_threads(before: &[(String, f64)], after: &[(String, f64)], dt: f64) {
+    let mut by_name: std::collections::BTreeMap<&str, f64> = Default::default();
+    for (name, secs) in after {
+        *by_name.entry(name).or_default() += secs;
+    }
+    for (name, secs) in before {
+        *by_name.entry(name).or_default() -= secs;
+    }
+    let mut v: Vec<(&str, f64)> = by_name.into_iter().map(|(n, s)| (n, s / dt)).collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top: Vec<String> = v
+        .iter()
+        .take(8)
+        .map(|(n, c)| format!("{n} {c:.2}"))
+        .collect();
+    println!("  threads (cores): {}", top.join(", "));
+}
+
+struct Measured {
+    judged: f64,
+    dropped: f64,
+    p50: f64,
+    p99: f64,
+    /// Cores busy with the sources and with the daemon's own work.
+    source_cores: f64,
+    daemon_cores: f64,
+    /// The queue stage's histogram over the window: (le, count).
+    queue: Vec<(f64, f64)>,
+}
+
+fn window(m0: &str, m1: &str, stage: &str) -> Vec<(f64, f64)> {
+    stage_buckets(m1, stage)
+        .iter()
+        .zip(stage_buckets(m0, stage).iter())
+        .map(|(a, b)| (a.0, a.1 - b.1))
+        .collect()
+}
+
+/// What the daemon did over `secs`.
+fn measure(run: &Run, secs: u64) -> Measured {
+    let pid = run.child.id();
     let m0 = metrics(run.http);
+    let c0 = cpu_split(pid);
+    let before = thread_cpu(pid);
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(secs));
     let m1 = metrics(run.http);
+    let c1 = cpu_split(pid);
+    if std::env::var_os("BENCH_THREADS").is_some() {
+        print_threads(&before, &thread_cpu(pid), t0.elapsed().as_secs_f64());
+    }
     let dt = t0.elapsed().as_secs_f64();
     let rate = |p: &str| (sum_of(&m1, p) - sum_of(&m0, p)) / dt;
-    let b0 = e2e_buckets(&m0);
-    let b1 = e2e_buckets(&m1);
-    let window: Vec<(f64, f64)> = b1
-        .iter()
-        .zip(b0.iter())
-        .map(|(a, b)| (a.0, a.1 - b.1))
-        .collect();
-    (
-        rate("cras_frames_processed_total"),
-        rate("cras_frames_dropped_total"),
-        bucket_quantile(&window, 0.5).unwrap_or(f64::NAN),
-        bucket_quantile(&window, 0.99).unwrap_or(f64::NAN),
-    )
+    let e2e = window(&m0, &m1, "end_to_end");
+    Measured {
+        judged: rate("cras_frames_processed_total"),
+        dropped: rate("cras_frames_dropped_total"),
+        p50: bucket_quantile(&e2e, 0.5).unwrap_or(f64::NAN),
+        p99: bucket_quantile(&e2e, 0.99).unwrap_or(f64::NAN),
+        source_cores: (c1.0 - c0.0) / dt,
+        daemon_cores: (c1.1 - c0.1) / dt,
+        queue: window(&m0, &m1, "queue"),
+    }
+}
+
+/// The queue stage before and after: one camera at 5 fps (the demo line's shape), 2
+/// cameras (fewer than max_batch: nothing more can join once both are in) and 4
+/// cameras, at 2 fps each (under half the engine's rate here, so that queues show
+/// batching, not a backlog); default batching.
+fn queue_histograms(dir: &Path, model: &Path, secs: u64) {
+    println!("queue latency (capture to engine call), {}:", cras_bin());
+    for (cameras, fps) in [(1usize, 5u32), (2, 2), (4, 2)] {
+        let load = Load {
+            cameras,
+            fps,
+            pattern: "ball",
+            max_batch: 4,
+            max_wait_ms: 20,
+        };
+        let run = start(dir, model, &load);
+        std::thread::sleep(Duration::from_secs(3));
+        let m = measure(&run, secs);
+        let total = m.queue.last().map_or(0.0, |b| b.1);
+        let cells: Vec<String> = m
+            .queue
+            .iter()
+            .scan(0.0, |prev, (le, c)| {
+                let n = c - *prev;
+                *prev = *c;
+                Some((le, n))
+            })
+            .filter(|(_, n)| *n > 0.0)
+            .map(|(le, n)| format!("<={le}: {n:.0}"))
+            .collect();
+        println!(
+            "  {cameras} camera(s) x {fps} fps: {total:.0} frames, p50 {:.1} ms, p99 {:.1} ms; {}",
+            bucket_quantile(&m.queue, 0.5).unwrap_or(f64::NAN),
+            bucket_quantile(&m.queue, 0.99).unwrap_or(f64::NAN),
+            cells.join(", ")
+        );
+        drop(run);
+        let _ = std::fs::remove_dir_all(dir.join("spool"));
+    }
 }
 
 fn main() {
@@ -208,29 +363,47 @@ fn main() {
     let model = bundle(dir.path());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("cras daemon vs engine (lite0-d384, 288 px, onnxruntime, {cores} cores)");
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("queue") {
+        return queue_histograms(dir.path(), &model, secs);
+    }
     let e1 = engine_rate(&model, 1, None);
     let e4 = engine_rate(&model, 4, None);
     println!("engine alone: {e1:.1} images/s at batch 1, {e4:.1} at batch 4");
     println!(
-        "| cameras | offered fps | judged fps | dropped fps | e2e p50 ms | e2e p99 ms | judged / engine |"
+        "| cameras | source | offered fps | judged fps | dropped fps | e2e p50 ms | e2e p99 ms | source cores | daemon cores | judged / engine | judged / engine on the cores left |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for cameras in [1usize, 4] {
         let max_batch = cameras.min(4);
         let engine = if max_batch == 1 { e1 } else { e4 };
-        for paced in [false, true] {
+        for (pattern, paced) in [("ball", false), ("solid-color", false), ("ball", true)] {
             let fps = if paced {
                 ((engine * 0.5) / cameras as f64).floor().max(1.0) as u32
             } else {
                 30
             };
-            let run = start(dir.path(), &model, cameras, fps, max_batch);
+            let load = Load {
+                cameras,
+                fps,
+                pattern,
+                max_batch,
+                max_wait_ms: 10,
+            };
+            let run = start(dir.path(), &model, &load);
             std::thread::sleep(Duration::from_secs(3));
-            let (judged, dropped, p50, p99) = measure(&run, secs);
+            let m = measure(&run, secs);
+            let left = (cores as f64 - m.source_cores).max(0.1) / cores as f64;
             println!(
-                "| {cameras} | {} | {judged:.1} | {dropped:.1} | {p50:.0} | {p99:.0} | {:.2} |",
+                "| {cameras} | {pattern} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
                 fps as usize * cameras,
-                judged / engine
+                m.judged,
+                m.dropped,
+                m.p50,
+                m.p99,
+                m.source_cores,
+                m.daemon_cores,
+                m.judged / engine,
+                m.judged / (engine * left)
             );
             drop(run);
             let _ = std::fs::remove_dir_all(dir.path().join("spool"));
@@ -238,7 +411,17 @@ fn main() {
     }
     if rss_secs > 0 {
         // Saturated 4 cameras for the whole time: the worst case for queues and spool.
-        let run = start(dir.path(), &model, 4, 30, 4);
+        let run = start(
+            dir.path(),
+            &model,
+            &Load {
+                cameras: 4,
+                fps: 30,
+                pattern: "ball",
+                max_batch: 4,
+                max_wait_ms: 10,
+            },
+        );
         let pid = run.child.id();
         let t0 = Instant::now();
         let mut samples = Vec::new();

@@ -9,13 +9,16 @@
 //!
 //! Run: `cargo bench --bench engine_latency` (needs `cras setup --backbone efficientnet_lite0`
 //! and ../shared/fixtures, or CRAS_FIXTURES / CRAS_LITE0_PTH).
+//! On a GPU (`--features gpu`, `cras setup --gpu`): BENCH_PROVIDER=cuda|tensorrt, and
+//! BENCH_BATCHES=1,8,32 for other batch sizes (default 1,4). A GPU provider that cannot
+//! run is an error here, not a fallback.
 //! Peak: CRAS_PEAK_GFLOPS, else cores x MHz x 32 FLOP/cycle (AVX2, two 8-lane FMA pipes).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use cras::backbone::{Backbone, BackboneKind};
-use cras::engine::{EngineKind, EngineOptions, PixelLayout};
+use cras::engine::{EngineKind, EngineOptions, GpuOptions, PixelLayout, Policy, Provider};
 use cras::model::graph::{CrasModel, GraphOptions};
 use cras::model::head::{Centers, CrasHead};
 use cras::preprocess::{InputSpec, Normalization, normalise_into, resize_and_crop};
@@ -98,16 +101,34 @@ fn bench(name: &str, model: &CrasModel, runs: usize) {
         2.0 * macs as f64 / (peak * 1e9) * 1e3
     );
     let mut kinds = vec![EngineKind::Onnxruntime];
-    if cfg!(feature = "tract") {
+    let provider = match std::env::var("BENCH_PROVIDER").as_deref() {
+        Ok("cuda") => Provider::Cuda,
+        Ok("tensorrt") => Provider::Tensorrt,
+        _ => Provider::Cpu,
+    };
+    if cfg!(feature = "tract") && provider == Provider::Cpu {
         kinds.push(EngineKind::Tract);
     }
-    for (kind, batch) in kinds.into_iter().flat_map(|k| [(k, 1usize), (k, 4)]) {
+    let batches: Vec<usize> = std::env::var("BENCH_BATCHES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|b| b.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 4]);
+    let runs_of = kinds
+        .into_iter()
+        .flat_map(|k| batches.iter().map(move |b| (k, *b)));
+    for (kind, batch) in runs_of {
         let t0 = Instant::now();
         let mut engine = kind
             .load(
                 &onnx,
                 &EngineOptions {
                     batch,
+                    provider,
+                    gpu: GpuOptions {
+                        policy: Policy::Require,
+                        ..GpuOptions::default()
+                    },
+                    input_hw: (model.height, model.width),
                     ..Default::default()
                 },
             )
@@ -131,8 +152,9 @@ fn bench(name: &str, model: &CrasModel, runs: usize) {
         let median = times[times.len() / 2];
         let bound = 2.0 * macs as f64 / (peak * 1e9) * 1e3;
         println!(
-            "  {} batch {batch}: median {median:.1} ms/image (min {:.1}, max {:.1}, {runs} runs; session load {load_s:.1} s); {:.1}x the peak-FLOP bound, {:.0} GFLOP/s achieved",
+            "  {} ({}) batch {batch}: median {median:.1} ms/image (min {:.1}, max {:.1}, {runs} runs; session load {load_s:.1} s); {:.1}x the peak-FLOP bound, {:.0} GFLOP/s achieved",
             kind.name(),
+            provider.name(),
             times[0],
             times[times.len() - 1],
             median / bound,

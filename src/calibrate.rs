@@ -126,6 +126,7 @@ pub fn run(o: &CalibrateOptions) -> Result<Bundle> {
         &bundle.onnx,
         &EngineOptions {
             batch: 4,
+            input_hw: (bundle.meta.input.height, bundle.meta.input.width),
             ..o.engine_options.clone()
         },
     )?;

@@ -99,6 +99,7 @@ pub fn run(opts: &InferOptions) -> Result<usize> {
             &bundle.onnx,
             &EngineOptions {
                 batch: opts.batch,
+                input_hw: (spec.height, spec.width),
                 ..opts.engine_options.clone()
             },
         )

@@ -124,6 +124,7 @@ fn a_checked_engine_takes_over_between_batches() {
     // Every batch was answered in full, before, at and after the swap.
     assert_eq!(answered, 2 * (swapped_at + 3));
     let (d, passed) = seen.lock().unwrap().expect("the check was not recorded");
+    eprintln!("checked before the swap, at batch {swapped_at}: {d:?}");
     assert!(passed);
     assert_eq!(state, UpgradeState::Ready(d));
     assert_eq!(d.images, 4);
@@ -195,6 +196,7 @@ fn an_engine_that_disagrees_or_fails_never_serves() {
     let (mut now, swapped_at, _, state) = serve(engine(&onnx, Optimization::All), up, 2);
     assert_eq!(swapped_at, None);
     let (d, passed) = seen.lock().unwrap().expect("the check was not recorded");
+    eprintln!("refused: {d:?}");
     assert!(!passed);
     assert_eq!(state, UpgradeState::Refused(d));
     assert!(d.score > 1e-3, "{d:?}");

@@ -11,8 +11,9 @@ use std::process::ExitCode;
 #[derive(Args)]
 pub struct ImportArgs {
     /// Backbone as NAME=WEIGHTS (wide_resnet50_2, resnet18, resnet50, efficientnet_lite0;
-    /// .pth or .safetensors state dict with the original key names).
-    #[arg(long, value_name = "NAME=PATH")]
+    /// .pth or .safetensors state dict with the original key names), or NAME alone for
+    /// weights `cras setup --backbone NAME` installed.
+    #[arg(long, value_name = "NAME[=PATH]", value_parser = cras::setup::backbone_spec)]
     pub backbone: BackboneSpec,
     /// The reference's ckpt_best_*.pth ({discriminator, pre_projection}), or a
     /// safetensors file with CRAS-level names.

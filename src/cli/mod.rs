@@ -17,7 +17,7 @@ mod train;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use cras::engine::{EngineKind, EngineOptions};
+use cras::engine::{EngineKind, EngineOptions, Provider};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -114,6 +114,11 @@ pub struct RuntimeArgs {
     /// Threads per inference [default: all cores]
     #[arg(long)]
     pub threads: Option<usize>,
+    /// onnxruntime's execution provider; a GPU one must work (no fallback here). A
+    /// TensorRT engine is built on every run: `cras engine prepare` caches it for the
+    /// daemon.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub provider: Provider,
 }
 
 impl RuntimeArgs {
@@ -122,6 +127,11 @@ impl RuntimeArgs {
             ort_lib: self.ort_lib.clone(),
             threads: self.threads,
             batch,
+            provider: self.provider,
+            gpu: cras::engine::GpuOptions {
+                policy: cras::engine::Policy::Require,
+                ..Default::default()
+            },
             ..Default::default()
         }
     }

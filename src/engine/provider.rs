@@ -157,9 +157,12 @@ pub fn ep_options(
                 "trt_builder_optimization_level",
                 gpu.builder_level.to_string(),
             ));
-            o.push(("trt_profile_min_shapes", shape(1)));
-            o.push(("trt_profile_opt_shapes", shape(shapes.max_batch)));
-            o.push(("trt_profile_max_shapes", shape(shapes.max_batch)));
+            // Without a known input size TensorRT takes the shapes it sees.
+            if shapes.height > 0 && shapes.width > 0 {
+                o.push(("trt_profile_min_shapes", shape(1)));
+                o.push(("trt_profile_opt_shapes", shape(shapes.max_batch)));
+                o.push(("trt_profile_max_shapes", shape(shapes.max_batch)));
+            }
             match cache {
                 Some(c) => {
                     o.push(("trt_engine_cache_enable", "1".into()));

@@ -202,6 +202,7 @@ pub fn run(o: &EvalOptions) -> Result<EvalReport> {
         &bundle.onnx,
         &EngineOptions {
             batch: o.batch,
+            input_hw: (bundle.meta.input.height, bundle.meta.input.width),
             ..o.engine_options.clone()
         },
     )?;
