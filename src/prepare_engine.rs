@@ -131,15 +131,7 @@ pub fn run(o: &PrepareOptions) -> Result<Prepared> {
         check_one(gpu.as_mut(), s, &mut d).map_err(ToolError::Data)?;
     }
     let t = Tolerance::default();
-    let check = CheckRecord {
-        images: d.images,
-        max_score_diff: d.score,
-        max_map_diff: d.map,
-        score_tolerance: t.score,
-        map_tolerance: t.map,
-        passed: d.within(t),
-        build_seconds,
-    };
+    let check = CheckRecord::of(&d, t, build_seconds);
     store
         .record(&key, &check)
         .map_err(|e| ToolError::Options(e.to_string()))?;

@@ -43,6 +43,25 @@ pub struct CheckRecord {
     pub build_seconds: f64,
 }
 
+impl CheckRecord {
+    /// The record of a check with differences `d` against `tolerance`.
+    pub fn of(
+        d: &super::upgrade::Differences,
+        tolerance: super::upgrade::Tolerance,
+        build_seconds: f64,
+    ) -> CheckRecord {
+        CheckRecord {
+            images: d.images,
+            max_score_diff: d.score,
+            max_map_diff: d.map,
+            score_tolerance: tolerance.score,
+            map_tolerance: tolerance.map,
+            passed: d.within(tolerance),
+            build_seconds,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("engine cache {path}: {source}")]

@@ -8,7 +8,7 @@
 //! that fetch the real wheel from NVIDIA's index at install time, so nothing here can
 //! be pinned. docs/gpu.md says where to get libnvinfer.so.10.
 
-use super::{Result, SetupError, pip_download, tempdir_in, verify};
+use super::{Result, SetupError, extract, pip_download, tempdir_in, verify};
 use crate::engine::onnxruntime::data_dir;
 use crate::path_error::PathError;
 use std::path::{Path, PathBuf};
@@ -159,7 +159,7 @@ pub fn install_gpu(wheels: Option<&Path>, arch: &str, dir: Option<&Path>) -> Res
                 Some("ThirdPartyNotices.txt") => "onnxruntime-ThirdPartyNotices.txt".into(),
                 _ => name.to_string_lossy().into_owned(),
             };
-            stream_member(&wheel, m, &dir.join(&name))?;
+            extract(&wheel, m, &dir.join(&name))?;
             installed.push(name);
         }
         // A downloaded wheel is not kept: the libraries are what is needed.
@@ -191,29 +191,4 @@ fn find_wheel(dir: &Path, requirement: &str) -> Option<PathBuf> {
                 .and_then(|f| f.to_str())
                 .is_some_and(|f| f.starts_with(&prefix) && f.ends_with(".whl"))
         })
-}
-
-/// Copies the member of `wheel` whose name ends with `suffix` to `dest`, streamed (the
-/// CUDA libraries run to hundreds of MB), through a temporary file and a rename.
-fn stream_member(wheel: &Path, suffix: &str, dest: &Path) -> Result<()> {
-    let bad = |reason: String| SetupError::Wheel {
-        wheel: wheel.to_path_buf(),
-        member: suffix.to_string(),
-        reason,
-    };
-    let file = std::fs::File::open(wheel).map_err(PathError::on("open", wheel))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| bad(format!("not a zip: {e}")))?;
-    let name = zip
-        .file_names()
-        .filter_map(|n| n.ok())
-        .find(|n| n.ends_with(suffix))
-        .map(|n| n.into_owned())
-        .ok_or_else(|| bad("no such member".into()))?;
-    let mut member = zip.by_name(&name).map_err(|e| bad(e.to_string()))?;
-    let tmp = dest.with_extension("part");
-    let mut out = std::fs::File::create(&tmp).map_err(PathError::on("create", &tmp))?;
-    std::io::copy(&mut member, &mut out).map_err(|e| bad(e.to_string()))?;
-    drop(out);
-    std::fs::rename(&tmp, dest).map_err(PathError::on("write", dest))?;
-    Ok(())
 }

@@ -55,7 +55,6 @@ pub enum SetupError {
 }
 
 type Result<T> = std::result::Result<T, SetupError>;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -155,7 +154,9 @@ fn pip_download(spec: &str, extra: &[&str], dir: &Path) -> Result<PathBuf> {
         })
 }
 
-fn extract(wheel: &Path, member_suffix: &str, dest: &Path) -> Result<Vec<u8>> {
+/// Copies the member of `wheel` whose name ends with `member_suffix` to `dest`, streamed
+/// (the CUDA libraries run to hundreds of MB), through a temporary file and a rename.
+fn extract(wheel: &Path, member_suffix: &str, dest: &Path) -> Result<()> {
     let bad = |reason: String| SetupError::Wheel {
         wheel: wheel.to_path_buf(),
         member: member_suffix.to_string(),
@@ -169,18 +170,16 @@ fn extract(wheel: &Path, member_suffix: &str, dest: &Path) -> Result<Vec<u8>> {
         .find(|n| n.ends_with(member_suffix))
         .map(|n| n.into_owned())
         .ok_or_else(|| bad("no such member".into()))?;
-    let mut bytes = Vec::new();
-    zip.by_name(&name)
-        .map_err(|e| bad(e.to_string()))?
-        .read_to_end(&mut bytes)
-        .map_err(|e| bad(e.to_string()))?;
+    let mut member = zip.by_name(&name).map_err(|e| bad(e.to_string()))?;
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent).map_err(PathError::on("create", parent))?;
     }
     let tmp = dest.with_extension("part");
-    std::fs::write(&tmp, &bytes).map_err(PathError::on("write", &tmp))?;
+    let mut out = std::fs::File::create(&tmp).map_err(PathError::on("create", &tmp))?;
+    std::io::copy(&mut member, &mut out).map_err(|e| bad(e.to_string()))?;
+    drop(out);
     std::fs::rename(&tmp, dest).map_err(PathError::on("write", dest))?;
-    Ok(bytes)
+    Ok(())
 }
 
 fn verify(path: &Path, expected: &str) -> Result<()> {

@@ -166,17 +166,9 @@ pub fn load(
             let kind = model.engine;
             let onnx = Arc::new(bundle.onnx.clone());
             let started = Instant::now();
-            let record = move |d: &crate::engine::upgrade::Differences, passed: bool| {
-                let t = Tolerance::default();
-                let check = CheckRecord {
-                    images: d.images,
-                    max_score_diff: d.score,
-                    max_map_diff: d.map,
-                    score_tolerance: t.score,
-                    map_tolerance: t.map,
-                    passed,
-                    build_seconds: started.elapsed().as_secs_f64(),
-                };
+            let record = move |d: &crate::engine::upgrade::Differences, _passed: bool| {
+                let check =
+                    CheckRecord::of(d, Tolerance::default(), started.elapsed().as_secs_f64());
                 if let Err(e) = store.record(&key, &check) {
                     tracing::error!("engine: cannot record the check: {e}");
                 }
