@@ -4,7 +4,12 @@
 //! the offset rounded half to even, scale by 1/255 and normalise per channel, NCHW f32.
 //! Reproducing Pillow's integer arithmetic makes the network input bit-identical.
 
+mod resize;
+
+pub use resize::resize_bilinear_pillow;
+
 use image::RgbImage;
+use resize::{Window, resize_window};
 use std::path::{Path, PathBuf};
 
 /// Input geometry and normalisation of a model.
@@ -158,103 +163,6 @@ fn limits_for_decode() -> image::Limits {
     limits
 }
 
-const PRECISION_BITS: u32 = 32 - 8 - 2;
-
-/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the bilinear filter:
-/// per output pixel, the first input index and fixed-point weights.
-fn coeffs(in_size: usize, out_size: usize) -> (usize, Vec<(usize, Vec<i32>)>) {
-    let scale = in_size as f64 / out_size as f64;
-    let filterscale = scale.max(1.0);
-    let support = 1.0 * filterscale;
-    let ksize = support.ceil() as usize * 2 + 1;
-    let mut out = Vec::with_capacity(out_size);
-    for xx in 0..out_size {
-        let center = (xx as f64 + 0.5) * scale;
-        let ss = 1.0 / filterscale;
-        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-        let n = xmax.saturating_sub(xmin);
-        let mut k: Vec<f64> = (0..n)
-            .map(|x| {
-                let t = ((x + xmin) as f64 - center + 0.5) * ss;
-                let t = t.abs();
-                if t < 1.0 { 1.0 - t } else { 0.0 }
-            })
-            .collect();
-        let ww: f64 = k.iter().sum();
-        if ww != 0.0 {
-            k.iter_mut().for_each(|v| *v /= ww);
-        }
-        let fixed = k
-            .iter()
-            .map(|&v| {
-                let s = v * (1u32 << PRECISION_BITS) as f64;
-                if v < 0.0 {
-                    (-0.5 + s) as i32
-                } else {
-                    (0.5 + s) as i32
-                }
-            })
-            .collect();
-        out.push((xmin, fixed));
-    }
-    (ksize, out)
-}
-
-fn clip8(v: i64) -> u8 {
-    if v >= (1i64 << PRECISION_BITS << 8) {
-        255
-    } else if v <= 0 {
-        0
-    } else {
-        (v >> PRECISION_BITS) as u8
-    }
-}
-
-/// Pillow `Image.resize((w, h), BILINEAR)` on an RGB image.
-pub fn resize_bilinear_pillow(src: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
-    let (in_w, in_h) = (src.width() as usize, src.height() as usize);
-    let s = src.as_raw();
-    // Horizontal pass (skipped when the width does not change, as in Pillow).
-    let (tmp, tw) = if out_w != in_w {
-        let (_, cx) = coeffs(in_w, out_w);
-        let mut t = vec![0u8; out_w * in_h * 3];
-        for y in 0..in_h {
-            for (x, (xmin, k)) in cx.iter().enumerate() {
-                for c in 0..3 {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, w) in k.iter().enumerate() {
-                        acc += s[(y * in_w + xmin + i) * 3 + c] as i64 * *w as i64;
-                    }
-                    t[(y * out_w + x) * 3 + c] = clip8(acc);
-                }
-            }
-        }
-        (t, out_w)
-    } else {
-        (s.to_vec(), in_w)
-    };
-    let out = if out_h != in_h {
-        let (_, cy) = coeffs(in_h, out_h);
-        let mut o = vec![0u8; tw * out_h * 3];
-        for (y, (ymin, k)) in cy.iter().enumerate() {
-            for x in 0..tw {
-                for c in 0..3 {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, w) in k.iter().enumerate() {
-                        acc += tmp[((ymin + i) * tw + x) * 3 + c] as i64 * *w as i64;
-                    }
-                    o[(y * tw + x) * 3 + c] = clip8(acc);
-                }
-            }
-        }
-        o
-    } else {
-        tmp
-    };
-    RgbImage::from_raw(out_w as u32, out_h as u32, out).unwrap_or_default()
-}
-
 /// torchvision `Resize(size)` on a PIL image: the shorter side becomes `size`, the longer
 /// `int(size * long / short)`.
 pub fn resized_dims(w: usize, h: usize, size: usize) -> (usize, usize) {
@@ -266,32 +174,33 @@ pub fn resized_dims(w: usize, h: usize, size: usize) -> (usize, usize) {
 }
 
 /// Resize + centre crop: the image the network sees, as RGB8 (also used for overlays).
-/// Refuses an image [`check_size`] refuses.
+/// Refuses an image [`check_size`] refuses. Only the crop window is resampled.
 pub fn resize_and_crop(img: &RgbImage, spec: &InputSpec) -> Result<RgbImage, SizeError> {
     check_size(img.width(), img.height())?;
     let (rw, rh) = resized_dims(img.width() as usize, img.height() as usize, spec.resize);
-    let resized = if (rw, rh) == (img.width() as usize, img.height() as usize) {
-        img.clone()
-    } else {
-        resize_bilinear_pillow(img, rw, rh)
+    // torchvision CenterCrop: int(round((size - crop) / 2)), Python rounds half to even;
+    // a crop larger than the image is clamped to it, as `imageops::crop_imm` does.
+    let offset = |size: usize, crop: usize| {
+        let o = ((size as f64 - crop as f64) / 2.0)
+            .round_ties_even()
+            .max(0.0) as usize;
+        let o = o.min(size);
+        (o, crop.min(size - o))
     };
-    // torchvision CenterCrop: int(round((size - crop) / 2)), Python rounds half to even.
-    let top = ((rh as f64 - spec.height as f64) / 2.0).round_ties_even() as u32;
-    let left = ((rw as f64 - spec.width as f64) / 2.0).round_ties_even() as u32;
-    Ok(
-        image::imageops::crop_imm(&resized, left, top, spec.width as u32, spec.height as u32)
-            .to_image(),
-    )
+    let (y, h) = offset(rh, spec.height);
+    let (x, w) = offset(rw, spec.width);
+    Ok(resize_window(img, rw, rh, Window { x, y, w, h }))
 }
 
 /// Normalised CHW float32 tensor of a cropped RGB8 image, appended to `out`.
 pub fn normalise_into(crop: &RgbImage, spec: &InputSpec, out: &mut Vec<f32>) {
-    let (w, h) = (crop.width() as usize, crop.height() as usize);
     let raw = crop.as_raw();
-    out.reserve(3 * w * h);
+    out.reserve(raw.len());
     for c in 0..3 {
         let (m, s) = (spec.mean[c], spec.std[c]);
-        out.extend((0..w * h).map(|i| (raw[i * 3 + c] as f32 / 255.0 - m) / s));
+        // The same expression for each of the 256 values, looked up per pixel.
+        let lut: [f32; 256] = std::array::from_fn(|v| (v as f32 / 255.0 - m) / s);
+        out.extend(raw.chunks_exact(3).map(|px| lut[usize::from(px[c])]));
     }
 }
 
@@ -353,9 +262,45 @@ mod tests {
     }
 
     #[test]
-    fn identity_resize_keeps_pixels() {
-        let img = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 50, 7]));
-        let out = resize_bilinear_pillow(&img, 5, 4);
-        assert_eq!(out, img);
+    fn the_crop_window_is_the_whole_resize_cropped() {
+        let img = RgbImage::from_fn(333, 250, |x, y| {
+            image::Rgb([(x * 7 + y) as u8, (x ^ y) as u8, (x * y) as u8])
+        });
+        // (height, width, resize): a square crop, a crop of the whole side, a crop
+        // larger than the resized image (clamped, as before).
+        for (h, w, resize) in [(224, 224, 256), (120, 160, 120), (300, 300, 256)] {
+            let spec = InputSpec {
+                height: h,
+                width: w,
+                resize,
+                mean: IMAGENET_MEAN,
+                std: IMAGENET_STD,
+            };
+            let (rw, rh) = resized_dims(333, 250, resize);
+            let whole = resize_bilinear_pillow(&img, rw, rh);
+            let top = ((rh as f64 - h as f64) / 2.0).round_ties_even() as u32;
+            let left = ((rw as f64 - w as f64) / 2.0).round_ties_even() as u32;
+            let want = image::imageops::crop_imm(&whole, left, top, w as u32, h as u32).to_image();
+            assert_eq!(
+                resize_and_crop(&img, &spec).unwrap(),
+                want,
+                "{h}x{w} from {resize}"
+            );
+        }
+    }
+
+    #[test]
+    fn normalising_through_the_table_is_the_arithmetic() {
+        let spec = InputSpec::square(2, 2, Normalization::Imagenet);
+        let crop = RgbImage::from_raw(2, 2, (0..12).map(|v| v * 21).collect()).unwrap();
+        let mut out = Vec::new();
+        normalise_into(&crop, &spec, &mut out);
+        for c in 0..3 {
+            for i in 0..4 {
+                let v = crop.as_raw()[i * 3 + c] as f32;
+                let want = (v / 255.0 - spec.mean[c]) / spec.std[c];
+                assert_eq!(out[c * 4 + i].to_bits(), want.to_bits());
+            }
+        }
     }
 }
