@@ -3,7 +3,9 @@
 //! /metrics, /healthz, the `health` message and the service status; with `require` the
 //! daemon does not start and names what is missing. The `prefer` run also feeds camera
 //! frames through the engine's frames stage (`preprocess: graph`): every frame gets the
-//! verdict `cras infer` gave it through the Rust pre-processing.
+//! verdict `cras infer` gave it through the Rust pre-processing. A second camera on the
+//! device-memory template `test-pattern-cuda` falls back to its host-memory template
+//! with one log line and is judged like any other.
 
 mod common;
 
@@ -24,7 +26,21 @@ fn prefer_serves_on_the_cpu_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     // Looping: a folder camera that ended would make the daemon unhealthy.
-    let rig = folder_rig(dir, 4, true, "  result_rate_hz: 100\n");
+    let line = line(dir);
+    let params = folder_params(&line, 4, true);
+    let rig = rig_with(
+        dir,
+        line,
+        &[
+            ("cam1", "image-sequence", &params),
+            (
+                "cam2",
+                "test-pattern-cuda",
+                "{width: 320, height: 240, fps: 5}",
+            ),
+        ],
+        "  result_rate_hz: 100\n",
+    );
     with_model_lines(
         &rig.config,
         "  provider: tensorrt\n  gpu: {policy: prefer}\n  preprocess: graph\n",
@@ -39,6 +55,19 @@ fn prefer_serves_on_the_cpu_and_says_so() {
     wait_for(240.0, "every frame to be judged", || {
         frames_processed(rig.http, "cam1") >= n as f64
     });
+    wait_for(60.0, "the device-memory camera to be judged", || {
+        frames_processed(rig.http, "cam2") >= 3.0
+    });
+    let log = d.log_text();
+    assert_eq!(
+        log.matches("device frames (cuda) unavailable").count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains("capturing through `test-pattern` in host memory"),
+        "{log}"
+    );
     let (_, metrics) = http_get(rig.http, "/metrics").unwrap();
     assert_eq!(metric(&metrics, "cras_engine_fallback"), Some(1.0));
     assert!(

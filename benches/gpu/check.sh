@@ -77,9 +77,38 @@ for provider in cpu cuda tensorrt; do
         cargo bench --features gpu --bench engine_latency -- wrn50
 done
 
-# cras run with a device-memory source: not built yet (the device frames module of
-# issue 14 is open); the daemon on host frames with the TensorRT engine instead.
-say ""; say "## cras run with device-memory frames: not built yet (host frames only)"
+# cras run with the device-memory test source against the same line in host memory:
+# 30 s each on CUDA (policy require, frames stage on the GPU). The log must not say the
+# camera fell back; /metrics gives the frames judged and the stage latencies.
+run_daemon() { # $1 template, $2 label
+    local dir="$OUT/run-$2" port=$((18000 + RANDOM % 1000))
+    mkdir -p "$dir"
+    cat >"$dir/config.yaml" <<YAML
+device: {site: gpu-check, id: box1}
+model:
+  bundle: $LITE0
+  provider: cuda
+  gpu: {policy: require}
+  preprocess: graph
+  thresholds: {alpha: {image: 0.5}, beta: {image: 0.5}}
+cameras:
+  - {id: cam1, pipeline: $1, params: {width: 1920, height: 1080, fps: 30}, max_fps: 30}
+mqtt: {url: "mqtt://127.0.0.1:1", client_id: gpu-check}
+spool: {dir: $dir/spool}
+http: {listen: "127.0.0.1:$port"}
+YAML
+    timeout 40 "$CRAS" run --config "$dir/config.yaml" --pipelines pipelines >"$dir/log" 2>&1 &
+    sleep 35
+    curl -s "127.0.0.1:$port/metrics" >"$dir/metrics" || true
+    wait
+    say "$2: $(grep -c 'device frames' "$dir/log") fallback line(s); $(grep -E '^cras_frames_processed_total' "$dir/metrics")"
+    grep -E '^cras_stage_latency_ms_(sum|count)' "$dir/metrics" | tee -a "$REPORT"
+}
+say ""; say "## cras run: device-memory frames against host frames (1080p test pattern, CUDA)"
+say '```'
+run_daemon test-pattern-cuda device
+run_daemon test-pattern host
+say '```'
 
 # One training epoch on the synthetic line, GPU against CPU (needs nvcc: docs/cuda.md).
 step "synthetic line" "$CRAS" synth --out "$OUT/syn" --classes 2 --train 40 --test-good 8 --test-defect 8 --size 256 --seed 1

@@ -112,6 +112,12 @@ impl Topology {
             let src = capture::CameraSource {
                 index: i,
                 pipeline: pipeline.text.clone(),
+                memory: pipeline.memory,
+                host: pipeline.host.clone(),
+                device_frames: inference::engines::device_frames(
+                    p.engines.serving.as_ref(),
+                    pipeline.memory,
+                ),
                 max_fps: cam.max_fps,
                 finite: pipeline.finite,
                 stall_timeout: (cam.stall_timeout_s > 0.0)

@@ -4,6 +4,8 @@
 //! a `Box<dyn Engine>`, which only runs.
 
 pub mod cache;
+#[cfg(feature = "gpu")]
+pub mod device;
 pub mod frames;
 pub mod gpu_info;
 pub mod onnxruntime;
@@ -113,6 +115,20 @@ pub trait Engine: Send {
         layout: PixelLayout,
     ) -> Result<Vec<NamedTensor>, EngineError> {
         let _ = (frames, shape, layout);
+        Err(EngineError::NoFramesStage(self.name()))
+    }
+    /// Whether [`Engine::run_device_frames`] works: a frames stage on a CUDA device.
+    #[cfg(feature = "gpu")]
+    fn takes_device_frames(&self) -> bool {
+        false
+    }
+    /// Runs on frames in GPU memory (one size and layout), through the frames stage.
+    #[cfg(feature = "gpu")]
+    fn run_device_frames(
+        &mut self,
+        frames: &[&device::DeviceFrame],
+    ) -> Result<Vec<NamedTensor>, EngineError> {
+        let _ = frames;
         Err(EngineError::NoFramesStage(self.name()))
     }
 }

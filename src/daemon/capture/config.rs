@@ -1,7 +1,7 @@
 //! The `cameras:` section: one entry per camera, validated here (by `check-config` and
 //! `cras run` alike) and rendered into the capture pipeline the camera runs.
 
-use super::template::PipelineTemplate;
+use super::template::{Memory, PipelineTemplate};
 use crate::daemon::config::{Invalid, topic_safe, within};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -52,6 +52,11 @@ pub struct CameraPipeline {
     pub text: String,
     /// A finite source (the template says `# finite`): end of stream ends the camera.
     pub finite: bool,
+    /// Where the template delivers frames.
+    pub memory: Memory,
+    /// For a device-memory template: its host-memory fallback, rendered with the same
+    /// parameters (template name, gst-launch text).
+    pub host: Option<(String, String)>,
 }
 
 impl CameraConfig {
@@ -100,9 +105,28 @@ impl CameraConfig {
         let text = template
             .render(&self.params)
             .map_err(|e| Invalid::new(key("params"), e.to_string()))?;
+        let host = match &template.fallback {
+            Some(name) => {
+                let fallback = PipelineTemplate::load(templates, name)
+                    .map_err(|e| Invalid::new(key("pipeline"), format!("its fallback: {e}")))?;
+                if fallback.memory != Memory::Host {
+                    return Err(Invalid::new(
+                        key("pipeline"),
+                        format!("its fallback `{name}` is not a host-memory template"),
+                    ));
+                }
+                let text = fallback
+                    .render(&self.params)
+                    .map_err(|e| Invalid::new(key("params"), format!("its fallback: {e}")))?;
+                Some((name.clone(), text))
+            }
+            None => None,
+        };
         Ok(CameraPipeline {
             text,
             finite: template.finite,
+            memory: template.memory,
+            host,
         })
     }
 }

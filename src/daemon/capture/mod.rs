@@ -12,10 +12,20 @@
 //! The appsink may deliver raw `video/x-raw,format=RGB` frames or encoded images
 //! (`image/...`, from the image-folder template); encoded images are decoded here, so a
 //! corrupt file costs one frame, not the stream, and are paced to the caps' frame rate.
+//!
+//! A device-memory template (`# memory cuda|nvmm`, feature `gpu`) hands over frames
+//! that stay on the GPU ([`crate::engine::device`]). Where they cannot be taken (no
+//! `gpu` feature, no driver, an engine not on the GPU, a pipeline that does not build
+//! or a frame that does not map) the camera switches to its `# fallback` host-memory
+//! template for good, with one log line.
 
 pub mod config;
+mod pixels;
 mod sample;
 pub mod template;
+
+pub use pixels::Pixels;
+pub use template::Memory;
 
 use super::telemetry::{CameraState, CameraTelemetry, Telemetry};
 use crate::clock::unix_ms;
@@ -23,7 +33,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
-use sample::{bus_error, describe_error, encoded_fps, frame_image};
+use sample::{bus_error, describe_error, encoded_fps, pixels};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -39,7 +49,7 @@ pub struct Frame {
     pub captured: Instant,
     /// The frame as captured; resized and normalised only if inference takes it (under
     /// overload most frames are dropped, and preparing them would be wasted work).
-    pub image: image::RgbImage,
+    pub pixels: Pixels,
 }
 
 /// Frames a camera may have waiting for inference; more and the oldest is dropped.
@@ -51,6 +61,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub struct CameraSource {
     pub index: usize,
     pub pipeline: String,
+    /// Where the pipeline's frames are delivered.
+    pub memory: Memory,
+    /// For a device-memory pipeline: the host-memory template (name, text) to switch to.
+    pub host: Option<(String, String)>,
+    /// Whether this daemon can take device frames (else why not).
+    pub device_frames: Result<(), String>,
     pub max_fps: f64,
     /// A finite source (file, folder): its end of stream ends the camera; for any other
     /// source it means the camera was lost.
@@ -70,8 +86,31 @@ enum Outcome {
     Lost { reason: String, had_frames: bool },
 }
 
+impl CameraSource {
+    /// Switches a device-memory camera to its host-memory template, for good; false if
+    /// there is none to switch to.
+    fn fall_back_to_host(&mut self, why: &str) -> bool {
+        let Some((name, text)) = self.host.take() else {
+            return false;
+        };
+        tracing::warn!(
+            camera = %self.telemetry.id,
+            "device frames ({}) unavailable: {why}; capturing through `{name}` in host memory",
+            self.memory.name()
+        );
+        self.pipeline = text;
+        self.memory = Memory::Host;
+        true
+    }
+}
+
 /// Runs the camera until `stop` is set (or its stream ends or cannot work).
-pub fn run_camera(src: CameraSource, all: Arc<Telemetry>, stop: Arc<AtomicBool>) {
+pub fn run_camera(mut src: CameraSource, all: Arc<Telemetry>, stop: Arc<AtomicBool>) {
+    if src.memory != Memory::Host
+        && let Err(why) = src.device_frames.clone()
+    {
+        src.fall_back_to_host(&why);
+    }
     let cam = src.telemetry.clone();
     let mut backoff = BACKOFF_START;
     let mut attempt = 0u32;
@@ -88,6 +127,7 @@ pub fn run_camera(src: CameraSource, all: Arc<Telemetry>, stop: Arc<AtomicBool>)
                 all.set_state(&cam, CameraState::Ended);
                 return;
             }
+            Outcome::Failed(reason) if src.fall_back_to_host(&reason) => continue,
             Outcome::Failed(reason) => {
                 tracing::error!(camera = %cam.id, "camera failed: {reason}");
                 all.set_state(&cam, CameraState::Failed { reason });
@@ -139,7 +179,7 @@ impl Built {
 }
 
 /// Parses the pipeline text and finds its appsink and bus.
-fn build(text: &str) -> Result<Built, Outcome> {
+fn build(text: &str, memory: Memory) -> Result<Built, Outcome> {
     let element = gst::parse::launch(text)
         .map_err(|e| Outcome::Failed(format!("pipeline does not build: {e}")))?;
     let Ok(pipeline) = element.downcast::<gst::Pipeline>() else {
@@ -156,6 +196,14 @@ fn build(text: &str) -> Result<Built, Outcome> {
     // A short appsink queue: frames are copied out at once, and a stalled consumer
     // must not make the source buffer without bound.
     sink.set_max_buffers(2);
+    #[cfg(feature = "gpu")]
+    if memory == Memory::Cuda
+        && let Some(pad) = sink.static_pad("sink")
+    {
+        crate::engine::device::ask_for_video_meta(&pad);
+    }
+    #[cfg(not(feature = "gpu"))]
+    let _ = memory;
     let Some(bus) = pipeline.bus() else {
         return Err(Outcome::Failed("the pipeline has no bus".into()));
     };
@@ -217,7 +265,7 @@ fn run_pipeline(
     number: &mut u64,
 ) -> Outcome {
     let cam = &src.telemetry;
-    let p = match build(&src.pipeline) {
+    let p = match build(&src.pipeline, src.memory) {
         Ok(p) => p,
         Err(outcome) => return outcome,
     };
@@ -264,9 +312,11 @@ fn run_pipeline(
         if !cap.take(captured) {
             continue;
         }
-        let image = match frame_image(&sample) {
-            Ok(img) => img,
-            Err(reason) => {
+        let pixels = match pixels(&sample, src.memory) {
+            Ok(px) => px,
+            // A device frame that does not map: the camera goes to host memory.
+            Err(sample::Skip::Device(reason)) => return p.shut(Outcome::Failed(reason)),
+            Err(sample::Skip::Frame(reason)) => {
                 cam.frames_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(camera = %cam.id, frame = *number, "frame skipped: {reason}");
                 continue;
@@ -278,7 +328,7 @@ fn run_pipeline(
             number: *number,
             captured_ms,
             captured,
-            image,
+            pixels,
         };
         offer(src, frame);
     }

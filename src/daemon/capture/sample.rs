@@ -57,6 +57,31 @@ pub(super) fn encoded_fps(sample: &gst::Sample) -> Option<f64> {
         .map(|f| f.numer() as f64 / f.denom() as f64)
 }
 
+/// Why a sample gave no frame.
+pub(super) enum Skip {
+    /// This frame only (counted, the stream goes on).
+    Frame(FrameError),
+    /// Device frames do not work here (the camera switches to host memory).
+    Device(String),
+}
+
+/// The frame of a sample from a pipeline delivering into `memory`.
+pub(super) fn pixels(sample: &gst::Sample, memory: super::Memory) -> Result<super::Pixels, Skip> {
+    match memory {
+        super::Memory::Host => frame_image(sample)
+            .map(super::Pixels::Host)
+            .map_err(Skip::Frame),
+        #[cfg(feature = "gpu")]
+        device => crate::engine::device::DeviceFrame::from_sample(sample, device)
+            .map(super::Pixels::Device)
+            .map_err(|e| Skip::Device(e.to_string())),
+        #[cfg(not(feature = "gpu"))]
+        _ => Err(Skip::Device(
+            "this cras is built without the `gpu` feature".into(),
+        )),
+    }
+}
+
 /// The RGB image of a sample.
 pub(super) fn frame_image(sample: &gst::Sample) -> Result<image::RgbImage, FrameError> {
     let bad = |why: &str| FrameError::Malformed(why.to_string());

@@ -4,6 +4,11 @@
 //! file, a folder) says `# finite`: its end of stream means the camera is done; for any
 //! other source, end of stream means the camera was lost (rtspsrc, for one, ends its
 //! stream when the server goes away) and the pipeline is rebuilt.
+//!
+//! A template whose frames stay in GPU memory says so with `# memory cuda` (GStreamer's
+//! `memory:CUDAMemory`) or `# memory nvmm` (Jetson's `memory:NVMM`), and names the
+//! host-memory template to use where device frames cannot be taken with
+//! `# fallback NAME` (required for them; it must take the same parameters).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,6 +26,28 @@ pub fn templates_dir(explicit: Option<PathBuf>, config: &Path) -> PathBuf {
     })
 }
 
+/// Where a template's frames are delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Memory {
+    /// System memory (`video/x-raw,format=RGB` or encoded images).
+    #[default]
+    Host,
+    /// GStreamer CUDA memory (x86 with an NVIDIA GPU).
+    Cuda,
+    /// Jetson NVMM surfaces.
+    Nvmm,
+}
+
+impl Memory {
+    pub fn name(self) -> &'static str {
+        match self {
+            Memory::Host => "host",
+            Memory::Cuda => "cuda",
+            Memory::Nvmm => "nvmm",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PipelineTemplate {
     pub name: String,
@@ -30,6 +57,10 @@ pub struct PipelineTemplate {
     pub body: String,
     /// Declared `# finite`: end of stream ends the camera instead of reconnecting.
     pub finite: bool,
+    /// Declared `# memory ...` (host when absent).
+    pub memory: Memory,
+    /// Declared `# fallback NAME`: the host-memory template for a device one.
+    pub fallback: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -69,10 +100,29 @@ impl PipelineTemplate {
         let mut params = BTreeMap::new();
         let mut body = Vec::new();
         let mut finite = false;
+        let mut memory = Memory::Host;
+        let mut fallback = None;
+        let invalid = |reason: String| TemplateError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
         for line in text.lines() {
             let t = line.trim();
             if t == "# finite" {
                 finite = true;
+            } else if let Some(m) = t.strip_prefix("# memory ") {
+                memory = match m.trim() {
+                    "host" => Memory::Host,
+                    "cuda" => Memory::Cuda,
+                    "nvmm" => Memory::Nvmm,
+                    other => {
+                        return Err(invalid(format!(
+                            "`# memory {other}`: use host, cuda or nvmm"
+                        )));
+                    }
+                };
+            } else if let Some(f) = t.strip_prefix("# fallback ") {
+                fallback = Some(f.trim().to_string());
             } else if let Some(decl) = t.strip_prefix("# param ") {
                 let (k, v) = match decl.split_once('=') {
                     Some((k, v)) => (k.trim().to_string(), Some(v.trim().to_string())),
@@ -84,10 +134,13 @@ impl PipelineTemplate {
             }
         }
         let body = body.join(" ");
-        let invalid = |reason: String| TemplateError::Invalid {
-            path: path.to_path_buf(),
-            reason,
-        };
+        if memory != Memory::Host && fallback.is_none() {
+            return Err(invalid(format!(
+                "a `# memory {}` template needs `# fallback NAME`, the host-memory template \
+                 to use where device frames cannot be taken",
+                memory.name()
+            )));
+        }
         if !body.contains("appsink name=sink") {
             return Err(invalid(
                 "the pipeline must end in `appsink name=sink`".into(),
@@ -116,6 +169,8 @@ impl PipelineTemplate {
             params,
             body,
             finite,
+            memory,
+            fallback,
         })
     }
 
@@ -204,9 +259,38 @@ mod tests {
                 !text.contains('{') && text.contains("appsink name=sink"),
                 "{name}: {text}"
             );
+            // A device-memory template falls back to a host one with its parameters,
+            // and its caps say the memory it declares.
+            if let Some(f) = &t.fallback {
+                let host = shipped(f);
+                assert_eq!(host.memory, Memory::Host, "{name} -> {f}");
+                assert_eq!(host.params, t.params, "{name} -> {f}");
+                let caps = match t.memory {
+                    Memory::Cuda => "video/x-raw(memory:CUDAMemory),format=RGBA ! appsink",
+                    _ => "video/x-raw(memory:NVMM),format=RGBA ! appsink",
+                };
+                assert!(text.contains(caps), "{name}: {text}");
+            }
             n += 1;
         }
         assert!(n >= 7);
+    }
+
+    #[test]
+    fn a_device_memory_template_names_its_fallback() {
+        let p = Path::new("x.pipeline");
+        let body = "videotestsrc ! appsink name=sink";
+        let t = PipelineTemplate::parse("x", p, &format!("# memory nvmm\n# fallback y\n{body}"));
+        let t = t.unwrap();
+        assert_eq!((t.memory, t.fallback.as_deref()), (Memory::Nvmm, Some("y")));
+        let no_fallback = PipelineTemplate::parse("x", p, &format!("# memory cuda\n{body}"));
+        assert!(
+            matches!(&no_fallback, Err(TemplateError::Invalid { reason, .. }) if reason.contains("# fallback")),
+            "{no_fallback:?}"
+        );
+        let odd = PipelineTemplate::parse("x", p, &format!("# memory vram\n{body}"));
+        assert!(matches!(odd, Err(TemplateError::Invalid { .. })));
+        assert_eq!(shipped("rtsp").memory, Memory::Host);
     }
 
     #[test]

@@ -149,7 +149,7 @@ mod tests {
             number,
             captured_ms: 0,
             captured: Instant::now(),
-            image: image::RgbImage::new(4, 4),
+            pixels: crate::daemon::capture::Pixels::Host(image::RgbImage::new(4, 4)),
         }
     }
 

@@ -191,3 +191,29 @@ pub fn load(
         }
     }
 }
+
+/// Whether frames in `memory` can go to `engine` on the GPU, else why not (the camera
+/// then captures through its host-memory fallback).
+pub fn device_frames(
+    engine: &dyn Engine,
+    memory: crate::daemon::capture::Memory,
+) -> Result<(), String> {
+    if memory == crate::daemon::capture::Memory::Host {
+        return Ok(());
+    }
+    #[cfg(feature = "gpu")]
+    {
+        if !engine.takes_device_frames() {
+            return Err(format!(
+                "the engine serves on {} without a GPU frames stage (model.preprocess)",
+                engine.placement().serving.name()
+            ));
+        }
+        crate::engine::device::available(memory).map_err(|e| e.to_string())
+    }
+    #[cfg(not(feature = "gpu"))]
+    {
+        let _ = engine;
+        Err("this cras is built without the `gpu` feature".into())
+    }
+}

@@ -11,7 +11,7 @@ pub mod status;
 pub use batcher::Batcher;
 pub use config::{BatchingConfig, ModelConfig, Preprocess};
 
-use super::capture::Frame;
+use super::capture::{Frame, Pixels};
 use super::telemetry::{CameraTelemetry, Latency, Stage, Telemetry};
 use crate::engine::upgrade::{Sample, SampleInput, Upgrade, UpgradeState};
 use crate::engine::{CrasOutputs, Engine, EngineError, NamedTensor, PixelLayout};
@@ -152,13 +152,15 @@ impl InferenceStage {
     }
 
     /// Gives the engine being built a copy of a batch just run, while it wants some.
-    fn offer_sample(&self, ran: &Ran, n: usize, input: impl FnOnce() -> SampleInput) {
+    fn offer_sample(&self, ran: &Ran, n: usize, input: impl FnOnce() -> Option<SampleInput>) {
         let (Some(up), Ok(outputs)) = (&self.upgrade, &ran.outs) else {
             return;
         };
-        if up.wants_sample() {
+        if up.wants_sample()
+            && let Some(input) = input()
+        {
             up.offer(Sample {
-                input: input(),
+                input,
                 n,
                 outputs: outputs.clone(),
             });
@@ -169,13 +171,45 @@ impl InferenceStage {
     fn refuse_bad_sizes(&self, batch: Vec<Frame>) -> Vec<Frame> {
         batch
             .into_iter()
-            .filter(|f| match check_size(f.image.width(), f.image.height()) {
-                Ok(()) => true,
-                Err(e) => {
-                    let cam = &self.cameras[f.camera];
-                    cam.frames_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(camera = %cam.id, frame = f.number, "frame skipped: {e}");
-                    false
+            .filter(|f| {
+                let (w, h) = f.pixels.dimensions();
+                check_size(w, h)
+                    .map_err(|e| self.skipped(f.camera, f.number, e))
+                    .is_ok()
+            })
+            .collect()
+    }
+
+    /// Counts and logs a frame that cannot be judged.
+    fn skipped(&self, camera: usize, number: u64, why: impl std::fmt::Display) {
+        let cam = &self.cameras[camera];
+        cam.frames_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(camera = %cam.id, frame = number, "frame skipped: {why}");
+    }
+
+    /// Device frames the engine cannot take (it was swapped or reloaded onto the CPU)
+    /// are copied to host memory first; a frame whose copy fails is counted as failed.
+    fn settle(&self, batch: Vec<Frame>) -> Vec<Frame> {
+        #[cfg(feature = "gpu")]
+        if self.engine.takes_device_frames() {
+            return batch;
+        }
+        batch
+            .into_iter()
+            .filter_map(|f| {
+                if !f.pixels.is_device() {
+                    return Some(f);
+                }
+                let (camera, number) = (f.camera, f.number);
+                match f.pixels.into_host() {
+                    Ok(img) => Some(Frame {
+                        pixels: Pixels::Host(img),
+                        ..f
+                    }),
+                    Err(e) => {
+                        self.skipped(camera, number, e);
+                        None
+                    }
                 }
             })
             .collect()
@@ -183,7 +217,7 @@ impl InferenceStage {
 
     /// Runs one batch; false when the next stage is gone.
     fn run_batch(&mut self, batch: Vec<Frame>) -> bool {
-        let batch = self.refuse_bad_sizes(batch);
+        let batch = self.settle(self.refuse_bad_sizes(batch));
         if batch.is_empty() {
             return true;
         }
@@ -192,24 +226,63 @@ impl InferenceStage {
             let ran = self.run_prepared(&batch);
             return self.emit(batch, ran, started);
         }
-        // The frames stage takes one frame size per call: a call per size in the batch.
+        // The frames stage takes one frame size (and memory) per call: a call per kind.
+        let kind = |f: &Frame| (f.pixels.dimensions(), f.pixels.is_device());
         let mut groups: Vec<Vec<Frame>> = Vec::new();
         for f in batch {
-            match groups
-                .iter_mut()
-                .find(|g| g[0].image.dimensions() == f.image.dimensions())
-            {
+            match groups.iter_mut().find(|g| kind(&g[0]) == kind(&f)) {
                 Some(g) => g.push(f),
                 None => groups.push(vec![f]),
             }
         }
         for group in groups {
-            let ran = self.run_frames(&group);
+            let ran = if group[0].pixels.is_device() {
+                self.run_device(&group)
+            } else {
+                self.run_frames(&group)
+            };
             if !self.emit(group, ran, started) {
                 return false;
             }
         }
         true
+    }
+
+    /// Device frames into the engine's frames stage, no host copy (feature `gpu`).
+    fn run_device(&mut self, group: &[Frame]) -> Ran {
+        let n = group.len();
+        #[cfg(feature = "gpu")]
+        {
+            let frames: Vec<&crate::engine::device::DeviceFrame> = group
+                .iter()
+                .filter_map(|f| match &f.pixels {
+                    Pixels::Device(d) => Some(d),
+                    Pixels::Host(_) => None,
+                })
+                .collect();
+            let ran = Ran::timed(n, vec![0.0; n], || self.engine.run_device_frames(&frames));
+            // The engine being built is checked on host copies of the same pixels
+            // (only while it wants samples).
+            self.offer_sample(&ran, n, || {
+                let mut data = Vec::new();
+                for d in &frames {
+                    data.extend_from_slice(d.to_host().ok()?.as_raw());
+                }
+                let (w, h) = (frames[0].width, frames[0].height);
+                Some(SampleInput::Frames {
+                    data,
+                    shape: [n, h, w, 3],
+                    layout: PixelLayout::Rgb,
+                })
+            });
+            ran
+        }
+        #[cfg(not(feature = "gpu"))]
+        Ran::timed(n, vec![0.0; n], || {
+            Err(EngineError::Run(
+                "device frames need the `gpu` feature".into(),
+            ))
+        })
     }
 
     /// Rust pre-processing, then the graph.
@@ -224,19 +297,21 @@ impl InferenceStage {
         let mut prepare_ms = Vec::with_capacity(n);
         for f in batch {
             let t0 = Instant::now();
-            match resize_and_crop(&f.image, spec) {
-                Ok(crop) => normalise_into(&crop, spec, &mut input),
+            match host(&f.pixels).map(|img| resize_and_crop(img, spec)) {
+                Some(Ok(crop)) => normalise_into(&crop, spec, &mut input),
                 // Sizes were checked above; keep the batch aligned all the same.
-                Err(_) => input.resize(input.len() + per, 0.0),
+                _ => input.resize(input.len() + per, 0.0),
             }
             prepare_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         input.resize(run_n * per, 0.0);
         let shape = [run_n, 3, spec.height, spec.width];
         let ran = Ran::timed(n, prepare_ms, || self.engine.run(&input, shape));
-        self.offer_sample(&ran, n, || SampleInput::Prepared {
-            data: input.clone(),
-            shape,
+        self.offer_sample(&ran, n, || {
+            Some(SampleInput::Prepared {
+                data: input.clone(),
+                shape,
+            })
         });
         self.batch_input = input;
         ran
@@ -245,23 +320,27 @@ impl InferenceStage {
     /// Frame bytes into the engine's frames stage (frames of one size).
     fn run_frames(&mut self, group: &[Frame]) -> Ran {
         let n = group.len();
-        let (w, h) = group[0].image.dimensions();
+        let (w, h) = group[0].pixels.dimensions();
         let mut bytes = std::mem::take(&mut self.batch_bytes);
         bytes.clear();
         let mut prepare_ms = Vec::with_capacity(n);
         for f in group {
             let t0 = Instant::now();
-            bytes.extend_from_slice(f.image.as_raw());
+            if let Some(img) = host(&f.pixels) {
+                bytes.extend_from_slice(img.as_raw());
+            }
             prepare_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         let shape = [n, h as usize, w as usize, 3];
         let ran = Ran::timed(n, prepare_ms, || {
             self.engine.run_frames(&bytes, shape, PixelLayout::Rgb)
         });
-        self.offer_sample(&ran, n, || SampleInput::Frames {
-            data: bytes.clone(),
-            shape,
-            layout: PixelLayout::Rgb,
+        self.offer_sample(&ran, n, || {
+            Some(SampleInput::Frames {
+                data: bytes.clone(),
+                shape,
+                layout: PixelLayout::Rgb,
+            })
         });
         self.batch_bytes = bytes;
         ran
@@ -282,6 +361,15 @@ impl InferenceStage {
             }
         };
         for (i, f) in batch.into_iter().enumerate() {
+            let (camera, number) = (f.camera, f.number);
+            // The one host copy of a device frame, for the stages after inference.
+            let image = match f.pixels.into_host() {
+                Ok(img) => img,
+                Err(e) => {
+                    self.skipped(camera, number, e);
+                    continue;
+                }
+            };
             let queue_ms = started.duration_since(f.captured).as_secs_f64() * 1e3;
             let preprocess_ms = ran.prepare_ms[i];
             self.telemetry.observe(Latency::Queue, queue_ms);
@@ -292,13 +380,13 @@ impl InferenceStage {
                 number: f.number,
                 captured_ms: f.captured_ms,
                 captured: f.captured,
-                width: f.image.width() as usize,
-                height: f.image.height() as usize,
+                width: image.width() as usize,
+                height: image.height() as usize,
                 score: outs.image_scores[i],
                 class_id: outs.class_ids[i],
                 map: outs.map(i).to_vec(),
                 map_hw: outs.map_hw,
-                image: f.image,
+                image,
                 queue_ms,
                 preprocess_ms,
                 inference_ms: ran.inference_ms,
@@ -311,5 +399,14 @@ impl InferenceStage {
             .infer_queue_depth
             .store(self.out.len(), Ordering::Relaxed);
         true
+    }
+}
+
+/// A frame's host pixels (device frames have none).
+fn host(p: &Pixels) -> Option<&image::RgbImage> {
+    match p {
+        Pixels::Host(img) => Some(img),
+        #[cfg(feature = "gpu")]
+        Pixels::Device(_) => None,
     }
 }

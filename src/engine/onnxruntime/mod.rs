@@ -3,6 +3,8 @@
 //! extracts from the pinned PyPI wheel, or any given by --ort-lib / ORT_DYLIB_PATH.
 
 use super::frames::{PixelLayout, frames_graph};
+#[cfg(feature = "gpu")]
+mod device_input;
 mod session;
 
 use super::provider::Provider;
@@ -137,6 +139,12 @@ pub struct OrtEngine {
     /// The frames stage ([`frames_graph`]), when loaded with one.
     frames: Option<Session>,
     placement: Placement,
+    /// CUDA device the GPU providers use.
+    #[cfg(feature = "gpu")]
+    ordinal: u32,
+    /// Made on the first batch of device frames.
+    #[cfg(feature = "gpu")]
+    device_input: Option<device_input::DeviceInput>,
 }
 
 fn run_err(e: ort::Error) -> EngineError {
@@ -175,6 +183,10 @@ impl OrtEngine {
                 serving: model.serving,
                 fallback: model.fallback,
             },
+            #[cfg(feature = "gpu")]
+            ordinal: opts.gpu.device,
+            #[cfg(feature = "gpu")]
+            device_input: None,
         })
     }
 }
@@ -257,6 +269,32 @@ impl Engine for OrtEngine {
             .run(ort::inputs!["image" => image])
             .map_err(run_err)?;
         collect(outputs)
+    }
+
+    #[cfg(feature = "gpu")]
+    fn takes_device_frames(&self) -> bool {
+        // The frames stage runs on CUDA exactly when the model serves on a GPU.
+        self.frames.is_some() && self.placement.serving.is_gpu()
+    }
+
+    #[cfg(feature = "gpu")]
+    fn run_device_frames(
+        &mut self,
+        frames: &[&super::device::DeviceFrame],
+    ) -> Result<Vec<NamedTensor>, EngineError> {
+        if !self.takes_device_frames() {
+            return Err(EngineError::NoFramesStage("onnxruntime (GPU)"));
+        }
+        let Some(stage) = self.frames.as_mut() else {
+            return Err(EngineError::NoFramesStage("onnxruntime"));
+        };
+        let input = match self.device_input.as_mut() {
+            Some(d) => d,
+            None => self
+                .device_input
+                .insert(device_input::DeviceInput::new(stage, self.ordinal)?),
+        };
+        input.run(stage, &mut self.session, frames)
     }
 }
 
