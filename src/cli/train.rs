@@ -94,6 +94,7 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     pub fn run(self) -> Result<ExitCode> {
+        crate::keep_freed_memory();
         let classes = if self.classes.is_empty() {
             cras::dataset::discover_classes(&self.data)?
         } else {
