@@ -95,11 +95,14 @@ fn serve(
     (serving, swapped_at, answered, up.state())
 }
 
-fn recorder() -> (Recorded, impl FnOnce(&Differences, bool) + Send + 'static) {
+fn recorder() -> (
+    Recorded,
+    impl FnOnce(&Differences, Tolerance) + Send + 'static,
+) {
     let seen: Recorded = Arc::new(Mutex::new(None));
     let s = seen.clone();
-    (seen, move |d: &Differences, ok: bool| {
-        *s.lock().unwrap() = Some((*d, ok))
+    (seen, move |d: &Differences, t: Tolerance| {
+        *s.lock().unwrap() = Some((*d, d.within(t)))
     })
 }
 

@@ -22,6 +22,28 @@ use crate::preprocess::InputSpec;
 /// The opset the frames stage needs (Resize `antialias` and `axes`).
 pub const FRAMES_OPSET: i64 = 18;
 
+/// Where a capture pipeline delivers its frames (a template's `# memory` line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Memory {
+    /// System memory (`video/x-raw,format=RGB` or encoded images).
+    #[default]
+    Host,
+    /// GStreamer CUDA memory (x86 with an NVIDIA GPU).
+    Cuda,
+    /// Jetson NVMM surfaces.
+    Nvmm,
+}
+
+impl Memory {
+    pub fn name(self) -> &'static str {
+        match self {
+            Memory::Host => "host",
+            Memory::Cuda => "cuda",
+            Memory::Nvmm => "nvmm",
+        }
+    }
+}
+
 /// The byte layout of one camera pixel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PixelLayout {

@@ -14,7 +14,7 @@ pub mod provider;
 pub mod tract;
 pub mod upgrade;
 
-pub use frames::PixelLayout;
+pub use frames::{Memory, PixelLayout};
 pub use provider::{GpuOptions, Policy, Provider};
 
 use crate::preprocess::InputSpec;

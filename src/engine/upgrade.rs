@@ -157,14 +157,15 @@ struct Job {
 
 impl Upgrade {
     /// Starts `build` on a thread named `name`; its engine is checked on `images`
-    /// images of the samples offered, then `checked` gets the differences (to record
-    /// them) and, when they are within `tolerance`, the engine is handed over.
+    /// images of the samples offered, then `checked` gets the differences and the tolerance
+    /// they are judged by (to record both), and when they are within it, the engine is
+    /// handed over.
     pub fn start(
         name: &str,
         build: impl FnOnce() -> Result<Box<dyn Engine>, EngineError> + Send + 'static,
         images: usize,
         tolerance: Tolerance,
-        checked: impl FnOnce(&Differences, bool) + Send + 'static,
+        checked: impl FnOnce(&Differences, Tolerance) + Send + 'static,
     ) -> std::io::Result<Upgrade> {
         // Room for one sample per image: the serving side stops copying when it is full.
         let (samples_tx, samples_rx) = crossbeam_channel::bounded(images.max(1));
@@ -239,7 +240,7 @@ impl Job {
     fn run(
         self,
         build: impl FnOnce() -> Result<Box<dyn Engine>, EngineError>,
-        checked: impl FnOnce(&Differences, bool),
+        checked: impl FnOnce(&Differences, Tolerance),
     ) {
         let started = Instant::now();
         let mut engine = match build() {
@@ -269,8 +270,8 @@ impl Job {
                 return self.set(UpgradeState::Failed(why));
             }
         }
+        checked(&d, self.tolerance);
         let passed = d.within(self.tolerance);
-        checked(&d, passed);
         if passed {
             tracing::info!("engine: new engine {}", UpgradeState::Ready(d).describe());
             self.set(UpgradeState::Ready(d));

@@ -10,6 +10,7 @@
 //! host-memory template to use where device frames cannot be taken with
 //! `# fallback NAME` (required for them; it must take the same parameters).
 
+pub use crate::engine::Memory;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -24,28 +25,6 @@ pub fn templates_dir(explicit: Option<PathBuf>, config: &Path) -> PathBuf {
             crate::install::packaged("share/cras/pipelines")
         }
     })
-}
-
-/// Where a template's frames are delivered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Memory {
-    /// System memory (`video/x-raw,format=RGB` or encoded images).
-    #[default]
-    Host,
-    /// GStreamer CUDA memory (x86 with an NVIDIA GPU).
-    Cuda,
-    /// Jetson NVMM surfaces.
-    Nvmm,
-}
-
-impl Memory {
-    pub fn name(self) -> &'static str {
-        match self {
-            Memory::Host => "host",
-            Memory::Cuda => "cuda",
-            Memory::Nvmm => "nvmm",
-        }
-    }
 }
 
 #[derive(Debug, Clone)]

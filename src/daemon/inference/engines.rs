@@ -166,9 +166,8 @@ pub fn load(
             let kind = model.engine;
             let onnx = Arc::new(bundle.onnx.clone());
             let started = Instant::now();
-            let record = move |d: &crate::engine::upgrade::Differences, _passed: bool| {
-                let check =
-                    CheckRecord::of(d, Tolerance::default(), started.elapsed().as_secs_f64());
+            let record = move |d: &crate::engine::upgrade::Differences, t: Tolerance| {
+                let check = CheckRecord::of(d, t, started.elapsed().as_secs_f64());
                 if let Err(e) = store.record(&key, &check) {
                     tracing::error!("engine: cannot record the check: {e}");
                 }

@@ -106,9 +106,12 @@ pub struct Driver {
     pointer_attribute: PointerGetAttribute,
     memcpy_peer: Memcpy3DPeer,
     egl: Option<(EglRegister, EglMappedFrame, Unregister)>,
+    /// Primary contexts retained so far, by device ordinal.
+    primaries: std::sync::Mutex<Vec<(u32, CuContext)>>,
 }
 
-// SAFETY: the driver API is thread-safe; the struct holds only function pointers.
+// SAFETY: the driver API is thread-safe; the struct holds function pointers and
+// context handles that are only passed back to it.
 unsafe impl Send for Driver {}
 unsafe impl Sync for Driver {}
 
@@ -161,6 +164,7 @@ impl Driver {
                 pointer_attribute: sym!("cuPointerGetAttribute"),
                 memcpy_peer: sym!("cuMemcpy3DPeer"),
                 egl,
+                primaries: std::sync::Mutex::new(Vec::new()),
                 _lib: lib,
             };
             check("cuInit", (d.init)(0))?;
@@ -169,8 +173,16 @@ impl Driver {
     }
 
     /// The primary context of device `ordinal`: the one onnxruntime's CUDA provider
-    /// (through the runtime API) works in. Retained once per process, never released.
+    /// (through the runtime API) works in. Retained once per process (the first call;
+    /// later ones, one per NVMM frame, find it here), never released.
     pub fn primary_context(&self, ordinal: u32) -> Result<CuContext, String> {
+        let mut known = self
+            .primaries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, ctx)) = known.iter().find(|(o, _)| *o == ordinal) {
+            return Ok(*ctx);
+        }
         let mut dev: c_int = 0;
         let mut ctx: *mut c_void = std::ptr::null_mut();
         // SAFETY: out-pointers to locals of the declared types.
@@ -181,6 +193,7 @@ impl Driver {
                 (self.primary_retain)(&mut ctx, dev),
             )?;
         }
+        known.push((ordinal, CuContext(ctx)));
         Ok(CuContext(ctx))
     }
 

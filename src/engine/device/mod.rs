@@ -24,13 +24,10 @@
 pub mod cuda;
 mod nvmm;
 
-use crate::engine::PixelLayout;
+use crate::engine::{Memory, PixelLayout};
 use cuda::{Copy2d, CuContext, CuDevicePtr};
 use gstreamer as gst;
 use gstreamer::prelude::*;
-
-/// Where a capture template's frames end up.
-pub use crate::daemon::capture::template::Memory;
 
 /// `GST_MAP_CUDA` (gstcudamemory.h): `GST_MAP_FLAG_LAST << 1`.
 const GST_MAP_CUDA: u32 = gst::ffi::GST_MAP_FLAG_LAST << 1;

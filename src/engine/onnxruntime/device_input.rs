@@ -26,7 +26,8 @@ fn run_err(e: impl std::fmt::Display) -> EngineError {
 
 /// What stays from batch to batch: the allocator, the binding, the last batch tensor.
 pub(super) struct DeviceInput {
-    ordinal: u32,
+    /// Where the frames stage's output stays (onnxruntime's CUDA device).
+    on_device: MemoryInfo<'static>,
     context: CuContext,
     allocator: Allocator,
     binding: IoBinding,
@@ -43,7 +44,7 @@ impl DeviceInput {
         let allocator = Allocator::new(stage, memory_info(ordinal)?).map_err(run_err)?;
         let binding = stage.create_binding().map_err(run_err)?;
         Ok(DeviceInput {
-            ordinal,
+            on_device: memory_info(ordinal)?,
             context,
             allocator,
             binding,
@@ -99,7 +100,7 @@ impl DeviceInput {
             .bind_input("channels", &channels)
             .map_err(run_err)?;
         self.binding
-            .bind_output_to_device("image", &memory_info(self.ordinal)?)
+            .bind_output_to_device("image", &self.on_device)
             .map_err(run_err)?;
         let mut prepared = stage.run_binding(&self.binding).map_err(run_err)?;
         let image = prepared
