@@ -2,27 +2,32 @@
 # Real-data benchmark (not run in CI): ELPV solar cells, two product classes (mono, poly),
 # with exactly the split in ../shared/benchmarks/elpv/ (see its README for the protocol).
 # The data (CC BY-NC-SA 4.0) is downloaded at benchmark time into $BENCH_DIR and never
-# committed. Backbone: pretrained EfficientNet-Lite0 with its TF-Lite input scaling,
-# image size 288, embedding width 384.
+# committed. Backbone: pretrained EfficientNet-Lite0.
 #
-#   benches/elpv.sh [EPOCHS]   (default 4; $NOISE_GRID, $TRAIN_ARGS, $EVAL_ALL below)
+#   benches/elpv.sh [SEEDS]    (default "0 1 2")
 #
-# Prints the validation figures the choice is made on, per-class and mean image AUROC
-# of the chosen model (cras eval), training seconds per epoch (from the bundle's
-# provenance), peak memory, and inference images/s (cras infer over the test images).
-# About 17-22 minutes per grid point on 2 cores.
+# Trains `cras train` with its defaults (no tuning flags; $TRAIN_ARGS adds some, e.g.
+# --paper) once per seed (the seed also draws the validation hold-out), evaluates each
+# model on the test split (never used to choose anything), and prints per seed: the
+# selected epoch and its validation AUROC, image AUROC per class and their mean, seconds
+# per epoch and peak memory; then the mean and range over the seeds, and inference
+# images/s of the first seed's model.
+# REUSE=1 keeps a seed's model and report from an earlier run instead of training again.
+# ADD_CLASS=1 also measures `cras add-class` with the first seed: train on mono alone and
+# add poly, train on poly alone and add mono, each against the joint model's figure.
+# About 20 minutes per seed and 10 per add-class case on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EPOCHS=${1:-4}
+SEEDS=${1:-"0 1 2"}
 BENCH_DIR=${BENCH_DIR:-target/bench-elpv}
 SPLIT=${ELPV_SPLIT:-../shared/benchmarks/elpv}
+TRAIN_ARGS=${TRAIN_ARGS:-}
 mkdir -p "$BENCH_DIR"
 if [ -z "${CRAS:-}" ]; then
     cargo build --release --quiet
     CRAS=target/release/cras
 fi
 "$CRAS" setup --backbone efficientnet_lite0
-
 if [ ! -d "$BENCH_DIR/elpv/data" ]; then
     echo "--- downloading elpv-dataset==1.0.0.post1 (CC BY-NC-SA 4.0)"
     python3 -m pip download --no-deps --disable-pip-version-check -q -d "$BENCH_DIR/dl" elpv-dataset==1.0.0.post1
@@ -54,63 +59,93 @@ for cls in mono poly; do
     echo "$cls: train $(ls "$ROOT/$cls/train/good" | wc -l), test good $(ls "$ROOT/$cls/test/good" | wc -l), test defect $(ls "$ROOT/$cls/test/defect" | wc -l)"
 done
 
-# Honest model selection: one model per noise level R in $NOISE_GRID, each keeping its
-# best epoch on the validation hold-out (painted cracks at 10%); the R whose selected
-# epoch has the best validation AUROC is the model (first in the grid on ties). The
-# test split is only evaluated afterwards; EVAL_ALL=1 also evaluates the others, for the
-# record, after the choice is printed.
-NOISE_GRID=${NOISE_GRID:-"0.2 0.4 0.8"}
-TRAIN_ARGS=${TRAIN_ARGS:-"--batch 16 --val-defects crack --val-defect-strength 0.1"}
-WORK="$BENCH_DIR/work"
 # Peak memory comes from GNU time (Debian package `time`); without it, none is printed.
 TIMER=()
 [ -x /usr/bin/time ] && TIMER=(/usr/bin/time -v)
-for R in $NOISE_GRID; do
-    echo "--- train R=$R ($EPOCHS epochs)"
-    "${TIMER[@]}" "$CRAS" train --data "$ROOT" --classes mono,poly --backbone efficientnet_lite0 \
-        --normalization tflite --image-size 288 --embed-dim 384 --epochs "$EPOCHS" \
-        --noise-relative "$R" --work "$WORK" --out "$BENCH_DIR/model-r$R" $TRAIN_ARGS \
-        2> >(tee "$BENCH_DIR/train-r$R.log" >&2)
-    grep -E "Maximum resident set size" "$BENCH_DIR/train-r$R.log" || true
+
+# train NAME CLASSES SEED: a bundle in $BENCH_DIR/NAME, its log in NAME.log.
+train() {
+    local name=$1 classes=$2 seed=$3
+    echo "--- train $name (classes $classes, seed $seed)"
+    # shellcheck disable=SC2086
+    "${TIMER[@]}" "$CRAS" train --data "$ROOT" --classes "$classes" --backbone efficientnet_lite0 \
+        --seed "$seed" --work "$BENCH_DIR/work-$name" --out "$BENCH_DIR/$name" $TRAIN_ARGS \
+        2> >(tee "$BENCH_DIR/$name.log" >&2)
+}
+
+# evaluate NAME: metrics.json in $BENCH_DIR/report-NAME (test split, after training).
+evaluate() {
+    "$CRAS" eval --model "$BENCH_DIR/$1" --data "$ROOT" --report "$BENCH_DIR/report-$1" | tail -n 4
+}
+
+for seed in $SEEDS; do
+    if [ -n "${REUSE:-}" ] && [ -f "$BENCH_DIR/report-seed$seed/metrics.json" ]; then
+        echo "--- seed $seed: reusing $BENCH_DIR/seed$seed (REUSE is set)"
+        continue
+    fi
+    rm -rf "$BENCH_DIR/seed$seed"
+    train "seed$seed" mono,poly "$seed"
+    evaluate "seed$seed"
 done
 
-echo "--- selection on validation (test not looked at)"
-CHOSEN=$(python3 - "$BENCH_DIR" $NOISE_GRID <<'PY'
-import re, sys
-root, grid = sys.argv[1], sys.argv[2:]
-best = None
-for r in grid:
-    text = open(f"{root}/model-r{r}/model.yaml").read()
-    aucs = [float(x) for x in re.findall(r"validation_auroc: ([0-9.eE-]+)", text)]
-    sel = int(re.search(r"selected_epoch: (\d+)", text).group(1))
-    v = aucs[sel - 1]
-    print(f"R {r}: epochs {', '.join(f'{a:.4f}' for a in aucs)}; selected epoch {sel} ({v:.4f})", file=sys.stderr)
-    if best is None or v > best[1]:
-        best = (r, v)
-print(best[0])
+echo "--- summary (test figures; each model chose its epoch on validation only)"
+python3 - "$BENCH_DIR" $SEEDS <<'PY'
+import json, re, sys
+root, seeds = sys.argv[1], sys.argv[2:]
+rows = []
+for s in seeds:
+    y = open(f"{root}/seed{s}/model.yaml").read()
+    sel = int(re.search(r"selected_epoch: (\d+)", y).group(1))
+    vals = [float(x) for x in re.findall(r"validation_auroc: ([0-9.eE-]+)", y)]
+    secs = [float(x) for x in re.findall(r"seconds: ([0-9.]+)", y)]
+    m = json.load(open(f"{root}/report-seed{s}/metrics.json"))
+    per = {c["class"]: c["image_auroc"] for c in m["classes"]}
+    log = open(f"{root}/seed{s}.log").read()
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log)
+    peak = f"{int(rss.group(1)) / 1024:.0f}" if rss else "-"
+    rows.append((s, sel, vals[sel - 1], per["mono"], per["poly"], m["mean"]["image_auroc"],
+                 sum(secs) / len(secs), peak))
+print("| seed | selected epoch (validation) | mono | poly | mean | s / epoch | peak MiB |")
+print("|---|---|---|---|---|---|---|")
+for s, sel, v, mono, poly, mean, spe, peak in rows:
+    print(f"| {s} | {sel} ({v:.4f}) | {mono:.3f} | {poly:.3f} | {mean:.3f} | {spe:.0f} | {peak} |")
+means = [r[5] for r in rows]
+print(f"mean image AUROC over seeds {' '.join(seeds)}: {sum(means) / len(means):.3f} "
+      f"(range {min(means):.3f} - {max(means):.3f}, spread {max(means) - min(means):.3f})")
 PY
-)
-echo "chosen: R=$CHOSEN"
-MODEL="$BENCH_DIR/model-r$CHOSEN"
 
-echo "--- eval (the chosen model)"
-"$CRAS" eval --model "$MODEL" --data "$ROOT" --report "$BENCH_DIR/report"
-if [ -n "${EVAL_ALL:-}" ]; then
-    for R in $NOISE_GRID; do
-        [ "$R" = "$CHOSEN" ] && continue
-        echo "--- eval R=$R (for the record; not used to choose)"
-        "$CRAS" eval --model "$BENCH_DIR/model-r$R" --data "$ROOT" --report "$BENCH_DIR/report-r$R" | tail -n 3
+if [ -n "${ADD_CLASS:-}" ]; then
+    first=${SEEDS%% *}
+    for pair in mono:poly poly:mono; do
+        base=${pair%%:*} add=${pair##*:}
+        rm -rf "$BENCH_DIR/only-$base" "$BENCH_DIR/only-$base+$add"
+        train "only-$base" "$base" "$first"
+        echo "--- add-class $add to only-$base"
+        "${TIMER[@]}" "$CRAS" add-class --model "$BENCH_DIR/only-$base" --data "$ROOT" --class "$add" \
+            2> >(tee "$BENCH_DIR/add-$add.log" >&2)
+        evaluate "only-$base+$add"
     done
+    echo "--- add-class against training with both classes (seed $first, test image AUROC)"
+    python3 - "$BENCH_DIR" "$first" <<'PY'
+import json, re, sys
+root, seed = sys.argv[1], sys.argv[2]
+def per(name):
+    m = json.load(open(f"{root}/report-{name}/metrics.json"))
+    return {c["class"]: c["image_auroc"] for c in m["classes"]}
+joint = per(f"seed{seed}")
+print("| model | mono | poly | mean | add-class s |")
+print("|---|---|---|---|---|")
+print(f"| trained on both | {joint['mono']:.3f} | {joint['poly']:.3f} | {(joint['mono'] + joint['poly']) / 2:.3f} | - |")
+for base, add in (("mono", "poly"), ("poly", "mono")):
+    p = per(f"only-{base}+{add}")
+    y = open(f"{root}/only-{base}+{add}/model.yaml").read()
+    secs = float(re.search(r"added_classes:(?:.|\n)*?seconds: ([0-9.]+)", y).group(1))
+    print(f"| {base}, {add} added | {p['mono']:.3f} | {p['poly']:.3f} | {(p['mono'] + p['poly']) / 2:.3f} | {secs:.0f} |")
+PY
 fi
 
-echo "--- training time per epoch (s)"
-python3 - "$MODEL/model.yaml" <<'PY'
-import re, sys
-secs = [float(x) for x in re.findall(r"seconds: ([0-9.]+)", open(sys.argv[1]).read())]
-print(f"{len(secs)} epochs, mean {sum(secs)/max(len(secs),1):.1f} s, min {min(secs):.1f}, max {max(secs):.1f}")
-PY
-
 echo "--- inference images/s (cras infer, batch 1 and 8, all test images)"
+MODEL="$BENCH_DIR/seed${SEEDS%% *}"
 mapfile -t IMAGES < <(find "$ROOT"/*/test -name '*.png' | sort)
 for b in 1 8; do
     start=$(date +%s.%N)

@@ -52,13 +52,15 @@ pub fn threshold_from_good(values: &mut [f32], q: f64, margin: f64) -> f64 {
     qq + margin * (qq - median)
 }
 
-struct Scores {
-    image: Vec<f32>,
+pub(crate) struct Scores {
+    pub image: Vec<f32>,
     /// Anomaly maps, concatenated.
-    pixels: Vec<f32>,
+    pub pixels: Vec<f32>,
+    /// The class the graph chose, per image.
+    pub class_ids: Vec<i64>,
 }
 
-fn score(
+pub(crate) fn score(
     engine: &mut dyn crate::engine::Engine,
     bundle: &Bundle,
     paths: &[PathBuf],
@@ -67,6 +69,7 @@ fn score(
     let mut s = Scores {
         image: Vec::new(),
         pixels: Vec::new(),
+        class_ids: Vec::new(),
     };
     for chunk in paths.chunks(4) {
         let mut input = Vec::new();
@@ -86,6 +89,7 @@ fn score(
         let o = crate::engine::run_images(engine, &mut input, n, (spec.height, spec.width))?;
         for i in 0..n {
             s.image.push(o.image_scores[i]);
+            s.class_ids.push(o.class_ids[i]);
             s.pixels.extend_from_slice(o.map(i));
         }
     }
@@ -93,15 +97,30 @@ fn score(
 }
 
 fn good_images(bundle: &Bundle, classes: &[ClassData]) -> Result<Vec<Vec<PathBuf>>> {
-    if let Some(t) = &bundle.meta.provenance.training {
+    let prov = &bundle.meta.provenance;
+    if let Some(t) = &prov.training {
         let fraction: f64 = t
             .options
             .get("val_fraction")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.1);
-        let split = crate::dataset::holdout_split(classes, t.seed, fraction)?;
-        if split.iter().all(|(_, v)| !v.is_empty()) {
-            return Ok(split.into_iter().map(|(_, v)| v).collect());
+        // The trained classes share the training run's draw; each added class has its own.
+        let added = |c: &ClassData| prov.added_classes.iter().find(|a| a.class == c.name);
+        let trained: Vec<ClassData> = classes
+            .iter()
+            .filter(|c| added(c).is_none())
+            .cloned()
+            .collect();
+        let mut joint = crate::dataset::holdout_split(&trained, t.seed, fraction)?.into_iter();
+        let mut held = Vec::with_capacity(classes.len());
+        for c in classes {
+            held.push(match added(c) {
+                Some(a) => crate::dataset::holdout_class(c, a.seed, a.holdout_fraction)?.1,
+                None => joint.next().map(|(_, v)| v).unwrap_or_default(),
+            });
+        }
+        if held.iter().all(|v| !v.is_empty()) {
+            return Ok(held);
         }
     }
     tracing::warn!(

@@ -158,6 +158,23 @@ pub fn load_mask(path: &Path, spec: &crate::preprocess::InputSpec) -> Result<Vec
     Ok(crop.pixels().map(|p| p.0[0] > 127).collect())
 }
 
+/// The hold-out of one class on its own: a draw seeded by `seed` and the class name, so
+/// it does not depend on the other classes (a class `cras add-class` added is split the
+/// same way by every later `cras calibrate`). Returns (rest, held out).
+pub fn holdout_class(
+    c: &ClassData,
+    seed: u64,
+    fraction: f64,
+) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    use sha2::Digest;
+    let name: [u8; 8] = sha2::Sha256::digest(c.name.as_bytes())[..8]
+        .try_into()
+        .unwrap_or_default();
+    let class_seed = seed ^ u64::from_le_bytes(name);
+    let mut split = holdout_split(std::slice::from_ref(c), class_seed, fraction)?;
+    Ok(split.pop().unwrap_or_default())
+}
+
 /// The seeded per-class hold-out of good training images: (training, validation) paths
 /// per class. `cras calibrate` calls it with the bundle's recorded seed and fraction to
 /// find the same validation images.

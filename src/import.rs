@@ -156,11 +156,13 @@ pub fn import_reference(opts: &ImportOptions) -> Result<Bundle> {
             sources,
             notes,
             training: None,
+            added_classes: Vec::new(),
         },
         onnx_sha256: String::new(),
         model_sha256: String::new(),
+        head_sha256: String::new(),
     };
-    let bundle = Bundle::write(&opts.out, meta, &onnx)?;
+    let bundle = Bundle::write(&opts.out, meta, &onnx, None)?;
     tracing::info!(
         "bundle written to {} (model id {})",
         opts.out.display(),

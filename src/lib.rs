@@ -2,6 +2,7 @@
 //! Anomaly Synthesis). This crate holds the model tool chain (weights, graph builder,
 //! bundles, engines, pre-processing) behind the `cras` binary.
 
+pub mod add_class;
 pub mod backbone;
 pub mod calibrate;
 pub mod clock;

@@ -358,7 +358,7 @@ fn sizes_that_do_not_fit_the_graph_are_refused_at_load() {
     let mut meta = bundle.meta.clone();
     meta.patch_grid = [meta.patch_grid[0] + 1, meta.patch_grid[1]];
     let edited = dir.path().join("edited");
-    Bundle::write(&edited, meta, &bundle.onnx).unwrap();
+    Bundle::write(&edited, meta, &bundle.onnx, None).unwrap();
     let img = lite0_set().join("images/alpha/test/good/000.png");
     let (code, _, err) = cras(&[
         "infer",

@@ -52,6 +52,15 @@ impl BackboneKind {
         }
     }
 
+    /// The input scaling the backbone's pretrained weights were trained with: TF-Lite's
+    /// (pixel - 127) / 128 for EfficientNet-Lite0, ImageNet's mean/std for the ResNets.
+    pub fn native_normalization(self) -> crate::preprocess::Normalization {
+        match self {
+            BackboneKind::EfficientnetLite0 => crate::preprocess::Normalization::Tflite,
+            _ => crate::preprocess::Normalization::Imagenet,
+        }
+    }
+
     /// BatchNorm momentum of the original training code (used to replay the reference's
     /// train-mode pass): torchvision 0.1, EfficientNet (TF port) 0.01.
     pub fn bn_momentum(self) -> f64 {

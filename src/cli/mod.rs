@@ -3,6 +3,7 @@
 //! carry meaning (an embedding width, where weights or templates live) come from the
 //! library.
 
+mod add_class;
 mod calibrate;
 mod check_config;
 mod demo;
@@ -55,6 +56,9 @@ enum Command {
     /// The daemon on a synthetic line, from nothing: installs the run-time assets, trains
     /// and calibrates a small model on `cras synth` images, writes a config and runs it.
     Demo(demo::DemoArgs),
+    /// Add a product class to a trained model without retraining: its centers from its
+    /// good images under the trained adaptor, its thresholds, a new bundle beside the old.
+    AddClass(add_class::AddClassArgs),
     /// Set per-class alarm thresholds in model.yaml (see docs/calibration in `cras calibrate --help`).
     Calibrate(calibrate::CalibrateArgs),
     /// GPU engines: `cras engine prepare` builds and checks a TensorRT engine ahead of time.
@@ -74,6 +78,7 @@ impl Cli {
             Command::Run(a) => a.run(),
             Command::Demo(a) => a.run(),
             Command::Calibrate(a) => a.run(),
+            Command::AddClass(a) => a.run(),
             Command::Engine(a) => a.run(),
         }
     }

@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use cras::backbone::BackboneSpec;
 use cras::preprocess::{InputSpec, Normalization};
+use cras::train::recipe::{Noise, Recipe, Resize};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -38,25 +39,31 @@ pub struct TrainArgs {
     /// Per-stage pooled width before fusion [default: the embedding width]
     #[arg(long)]
     pub pretrain_embed_dim: Option<usize>,
-    /// Training epochs.
-    #[arg(long, default_value_t = 100)]
-    pub epochs: usize,
-    /// Images per step.
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
+    /// The paper's settings instead of the default recipe, for comparison: 100 epochs,
+    /// batch 32, absolute noise 0.015, ImageNet scaling, resize 329 for 288, every
+    /// validation defect kind at full strength. Explicit flags still override.
+    #[arg(long)]
+    pub paper: bool,
+    /// Training epochs; the best one on validation is kept [default: 4; --paper: 100]
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Images per step [default: 16; --paper: 32]
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// Adaptor learning rate (AdamW, weight decay 0.01).
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
     /// Scorer learning rate (Adam, L2 1e-5).
     #[arg(long, default_value_t = 2e-4)]
     pub scorer_lr: f64,
-    /// Standard deviation of the synthetic-anomaly noise (sigma).
-    #[arg(long, default_value_t = 0.015)]
-    pub noise: f64,
+    /// Absolute standard deviation of the synthetic-anomaly noise (sigma), instead of the
+    /// relative default [--paper: 0.015]
+    #[arg(long, conflicts_with = "noise_relative")]
+    pub noise: Option<f64>,
     /// Noise sigma relative to the adapted features' spread (mean per-dimension std at
-    /// initialisation), instead of --noise: e.g. 0.05. The paper's absolute 0.015 is 0.4%
-    /// of EfficientNet-Lite0's feature spread, too small for the scorer to learn from.
-    #[arg(long, conflicts_with = "noise")]
+    /// initialisation) [default: 0.4]. The paper's absolute 0.015 is 0.4% of
+    /// EfficientNet-Lite0's feature spread, too small for the scorer to learn from.
+    #[arg(long)]
     pub noise_relative: Option<f64>,
     /// Shrink of the distance-guided noise scale towards 1 (k).
     #[arg(long, default_value_t = 0.3)]
@@ -64,25 +71,28 @@ pub struct TrainArgs {
     /// Fraction of good training images held out per class to choose the epoch.
     #[arg(long, default_value_t = 0.1)]
     pub val_fraction: f64,
-    /// Strength of the synthetic defects painted on the validation images (0-1]: lower it
-    /// when validation AUROC saturates at 1.0 (every painted defect obvious), so that it
-    /// still ranks epochs and settings.
-    #[arg(long, default_value_t = 1.0)]
-    pub val_defect_strength: f64,
+    /// Strengths of the synthetic defects painted on the validation images, each in (0, 1],
+    /// comma-separated: every held-out image is painted once per strength, and validation
+    /// AUROC is the mean over them, so that it still ranks epochs where the strong ones
+    /// are all obvious (AUROC 1.0) or the weak ones all invisible (0.5)
+    /// [default: 0.1,0.3,1; --paper: 1]
+    #[arg(long, value_delimiter = ',')]
+    pub val_defect_strength: Option<Vec<f64>>,
     /// Kinds of synthetic defect painted on validation positives, comma-separated, from
     /// scratch, spot, missing, crack. Pick the ones that look like your product's real
-    /// defects: the epoch and settings are chosen on them.
-    #[arg(long, default_value = "scratch,spot,missing,crack")]
-    pub val_defects: String,
+    /// defects: the epoch is chosen on them [default: crack; --paper: all four]
+    #[arg(long)]
+    pub val_defects: Option<String>,
     /// Random seed (split, initialisation, noise, shuffling).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Continue an interrupted run from the checkpoint in the work folder.
     #[arg(long)]
     pub resume: bool,
-    /// Input normalisation.
-    #[arg(long, value_enum, default_value = "imagenet")]
-    pub normalization: Normalization,
+    /// Input normalisation [default: the backbone's own: tflite for efficientnet_lite0,
+    /// imagenet for the ResNets; --paper: imagenet]
+    #[arg(long, value_enum)]
+    pub normalization: Option<Normalization>,
     /// onnxruntime for the embedding pass.
     #[command(flatten)]
     pub runtime: super::RuntimeArgs,
@@ -104,14 +114,16 @@ impl TrainArgs {
         let embed_dim = self
             .embed_dim
             .unwrap_or(self.backbone.kind.default_embed_dim());
-        // Not the paper's 329/288 margin: a model that crops never sees the outer
-        // ring of each camera frame (docs/decisions.md, "Whole frame").
-        let resize = self.resize.unwrap_or(self.image_size);
+        let recipe = self.recipe()?;
         let interrupted = cras::train::interrupt_flag()?;
         let work = self
             .work
             .clone()
             .unwrap_or_else(|| cras::train::default_work_folder(&self.out));
+        let (noise_std, noise_relative) = match recipe.noise {
+            Noise::Absolute(sigma) => (sigma, None),
+            Noise::Relative(r) => (0.0, Some(r)),
+        };
         let opts = cras::train::TrainOptions {
             data: self.data.clone(),
             classes,
@@ -119,20 +131,24 @@ impl TrainArgs {
             backbone_weights: self.backbone.weights.clone(),
             out: self.out.clone(),
             work,
-            input: InputSpec::square(self.image_size, resize, self.normalization),
+            input: InputSpec::square(
+                self.image_size,
+                recipe.resize.shorter_side(self.image_size),
+                recipe.normalization,
+            ),
             embed_dim,
             pre_dim: self.pretrain_embed_dim.unwrap_or(embed_dim),
-            epochs: self.epochs,
-            batch: self.batch,
+            epochs: recipe.epochs,
+            batch: recipe.batch,
             adaptor_lr: self.lr,
             scorer_lr: self.scorer_lr,
-            noise_std: self.noise,
-            noise_relative: self.noise_relative,
+            noise_std,
+            noise_relative,
             noise_k: self.noise_k,
             val_fraction: self.val_fraction,
-            val_defect_strength: self.val_defect_strength,
-            val_defects: cras::synth::DefectKinds::parse(&self.val_defects)
-                .context("--val-defects")?,
+            val_defect_strength: recipe.val_defect_strength,
+            val_defects: recipe.val_defects,
+            recipe: if self.paper { "paper" } else { "default" }.into(),
             seed: self.seed,
             resume: self.resume,
             engine_options: self.runtime.options(8),
@@ -140,5 +156,39 @@ impl TrainArgs {
         };
         cras::train::train(&opts, &data, interrupted)?;
         Ok(ExitCode::SUCCESS)
+    }
+
+    /// The default recipe (or the paper's), with every explicit flag applied on top.
+    fn recipe(&self) -> Result<Recipe> {
+        let mut r = if self.paper {
+            Recipe::paper()
+        } else {
+            Recipe::default_for(self.backbone.kind)
+        };
+        if let Some(e) = self.epochs {
+            r.epochs = e;
+        }
+        if let Some(b) = self.batch {
+            r.batch = b;
+        }
+        if let Some(sigma) = self.noise {
+            r.noise = Noise::Absolute(sigma);
+        }
+        if let Some(rel) = self.noise_relative {
+            r.noise = Noise::Relative(rel);
+        }
+        if let Some(n) = self.normalization {
+            r.normalization = n;
+        }
+        if let Some(size) = self.resize {
+            r.resize = Resize::To(size);
+        }
+        if let Some(kinds) = &self.val_defects {
+            r.val_defects = cras::synth::DefectKinds::parse(kinds).context("--val-defects")?;
+        }
+        if let Some(s) = &self.val_defect_strength {
+            r.val_defect_strength = s.clone();
+        }
+        Ok(r)
     }
 }

@@ -1,4 +1,6 @@
-//! Model bundles: a directory with `model.onnx` and `model.yaml`.
+//! Model bundles: a directory with `model.onnx` and `model.yaml`, and from `cras train`
+//! `head.safetensors` (the trained adaptor and scorer before folding, and the centers),
+//! which `cras add-class` builds on.
 //!
 //! `model.yaml` says what the graph expects (input size, normalisation), what it knows
 //! (class names), how to judge its scores (thresholds per class, may be empty until
@@ -13,6 +15,7 @@ use std::path::{Path, PathBuf};
 pub const FORMAT_VERSION: u32 = 1;
 pub const ONNX_FILE: &str = "model.onnx";
 pub const YAML_FILE: &str = "model.yaml";
+pub const HEAD_FILE: &str = "head.safetensors";
 
 /// Alarm thresholds of one class.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -25,58 +28,7 @@ pub struct ClassThresholds {
     pub pixel: Option<f32>,
 }
 
-/// Where the model came from.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Provenance {
-    /// The command that made the bundle.
-    pub created_by: String,
-    /// Seconds since the Unix epoch.
-    pub created_at: u64,
-    /// Input files with their sha256, by role (backbone, checkpoint, centers, ...).
-    #[serde(default)]
-    pub sources: BTreeMap<String, SourceFile>,
-    /// Free-form notes (options used, quirks replayed).
-    #[serde(default)]
-    pub notes: BTreeMap<String, String>,
-    /// How the model was trained, when `cras train` made it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub training: Option<TrainingRecord>,
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainingRecord {
-    pub dataset: String,
-    /// sha256 over the training images (relative path and content hash, in order).
-    pub data_sha256: String,
-    /// Good training images per class (validation hold-out included).
-    pub train_images: BTreeMap<String, usize>,
-    pub validation_images: usize,
-    pub seed: u64,
-    pub options: BTreeMap<String, String>,
-    pub epochs: Vec<EpochRecord>,
-    pub selected_epoch: usize,
-    /// How the epoch was chosen, in words.
-    pub selection: String,
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EpochRecord {
-    pub epoch: usize,
-    pub loss: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub validation_auroc: Option<f64>,
-    pub seconds: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SourceFile {
-    pub file: String,
-    pub sha256: String,
-}
+pub use super::provenance::{AddedClass, EpochRecord, Provenance, SourceFile, TrainingRecord};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,6 +54,10 @@ pub struct BundleMeta {
     /// changes thresholds). Empty in bundles written before it existed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub model_sha256: String,
+    /// sha256 of head.safetensors, hex; empty when the bundle has none (imported, or
+    /// written before it existed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub head_sha256: String,
 }
 
 /// What `model_sha256` covers, in a fixed serialisation.
@@ -114,6 +70,9 @@ struct ModelFields<'a> {
     embed_dim: usize,
     patch_grid: [usize; 2],
     onnx_sha256: &'a str,
+    /// Skipped when empty, so bundles without a head keep the hash they were written with.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    head_sha256: &'a str,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +132,7 @@ impl BundleMeta {
             embed_dim: self.embed_dim,
             patch_grid: self.patch_grid,
             onnx_sha256: &self.onnx_sha256,
+            head_sha256: &self.head_sha256,
         };
         // Serialising plain numbers, strings and arrays cannot fail.
         sha256_hex(
@@ -243,6 +203,9 @@ impl BundleMeta {
         }
         if self.onnx_sha256.len() != 64 {
             return bad("onnx_sha256: expected 64 hex digits".into());
+        }
+        if !self.head_sha256.is_empty() && self.head_sha256.len() != 64 {
+            return bad("head_sha256: expected 64 hex digits".into());
         }
         Ok(())
     }
@@ -338,23 +301,42 @@ impl Bundle {
         })
     }
 
-    /// Writes `model.onnx` and `model.yaml` into `dir` (created if needed). Files are
-    /// written to temporary names and renamed, so a crash never leaves a half bundle
-    /// under the final names.
-    pub fn write(dir: &Path, mut meta: BundleMeta, onnx: &[u8]) -> Result<Bundle, BundleError> {
+    /// Writes `model.onnx`, `head.safetensors` when given, and `model.yaml` into `dir`
+    /// (created if needed). Files are written to temporary names and renamed, model.yaml
+    /// last, so a crash never leaves a half bundle under the final names.
+    pub fn write(
+        dir: &Path,
+        mut meta: BundleMeta,
+        onnx: &[u8],
+        head: Option<&[u8]>,
+    ) -> Result<Bundle, BundleError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| BundleError::Io { path, source }
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         meta.onnx_sha256 = sha256_hex(onnx);
+        meta.head_sha256 = head.map(sha256_hex).unwrap_or_default();
         meta.model_sha256 = meta.fields_sha256();
         meta.check(&dir.join(YAML_FILE))?;
         let yaml = serde_saphyr::to_string(&meta).map_err(|e| BundleError::Yaml {
             path: dir.join(YAML_FILE),
             reason: e.to_string(),
         })?;
-        for (name, bytes) in [(ONNX_FILE, onnx), (YAML_FILE, yaml.as_bytes())] {
+        let mut files = vec![(ONNX_FILE, onnx)];
+        match head {
+            Some(h) => files.push((HEAD_FILE, h)),
+            None => match std::fs::remove_file(dir.join(HEAD_FILE)) {
+                // A head left from an earlier bundle in this folder must not pair with
+                // this graph.
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io(&dir.join(HEAD_FILE))(e));
+                }
+                _ => {}
+            },
+        }
+        files.push((YAML_FILE, yaml.as_bytes()));
+        for (name, bytes) in files {
             let tmp = dir.join(format!(".{name}.tmp"));
             std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
             std::fs::rename(&tmp, dir.join(name)).map_err(io(&dir.join(name)))?;
@@ -381,6 +363,40 @@ impl Bundle {
             source,
         })?;
         std::fs::rename(&tmp, &path).map_err(|source| BundleError::Io { path, source })
+    }
+
+    /// The trained head and centers in `head.safetensors`, checked against model.yaml.
+    pub fn read_head(&self) -> Result<crate::weights::StateDict, BundleError> {
+        let path = self.dir.join(HEAD_FILE);
+        if self.meta.head_sha256.is_empty() {
+            return Err(BundleError::Invalid {
+                path: self.dir.join(YAML_FILE),
+                reason:
+                    "this bundle has no head.safetensors (bundles from `cras import-reference`, \
+                         and from `cras train` before it wrote one); retrain it with `cras train`"
+                        .into(),
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(|source| BundleError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let found = sha256_hex(&bytes);
+        if found != self.meta.head_sha256 {
+            return Err(BundleError::HashMismatch {
+                path,
+                found,
+                expected: self.meta.head_sha256.clone(),
+            });
+        }
+        let tensors = crate::weights::parse(&bytes, "head").map_err(|e| BundleError::Invalid {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(crate::weights::StateDict {
+            tensors,
+            source: path,
+        })
     }
 
     /// Short model id for logs and alarms: backbone and the first 12 hex digits of the

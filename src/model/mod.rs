@@ -6,3 +6,4 @@ pub mod embedding;
 pub mod graph;
 pub mod head;
 pub mod map;
+pub mod provenance;

@@ -45,6 +45,8 @@ pub struct DefectKinds(pub u8);
 
 impl DefectKinds {
     pub const ALL: DefectKinds = DefectKinds(0b1111);
+    /// Cracks only (bit 3 of `VALIDATION_DEFECTS`).
+    pub const CRACK: DefectKinds = DefectKinds(1 << 3);
 
     /// Parses a comma-separated list of kind names.
     pub fn parse(list: &str) -> Result<DefectKinds> {

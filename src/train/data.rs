@@ -69,11 +69,12 @@ pub(super) fn prepare(
 ) -> Result<TrainingData> {
     let (train, val, val_good) = sources(o, classes)?;
     tracing::info!(
-        "{} classes; {} training and {} validation images (+{} with synthetic defects); {} patches x {} dims per image",
+        "{} classes; {} training and {} validation images (+{} with synthetic defects at {} strengths); {} patches x {} dims per image",
         classes.len(),
         train.files.len(),
         val_good,
-        val_good,
+        val.files.len() - val_good,
+        o.val_defect_strength.len(),
         patches,
         o.embed_dim
     );
@@ -140,17 +141,22 @@ fn sources(o: &TrainOptions, classes: &[ClassData]) -> Result<(Sources, Sources,
         val.classes.resize(val.files.len(), ci);
     }
     let val_good = val.files.len();
-    let strength = (o.val_defect_strength.clamp(0.0, 1.0) * 100.0).round() as u8;
-    for k in 0..val_good {
-        let seed = o.seed.wrapping_mul(1_000_003).wrapping_add(k as u64);
-        let painted = Source::WithDefect(
-            val.files[k].path().to_path_buf(),
-            seed,
-            strength,
-            o.val_defects,
-        );
-        val.files.push(painted);
-        val.classes.push(val.classes[k]);
+    // One painted copy per strength, with the same defect (same seed) at each: the
+    // pooled AUROC is the mean of the per-strength AUROCs, since every strength has as
+    // many positives as there are good images.
+    for &s in &o.val_defect_strength {
+        let strength = (s.clamp(0.0, 1.0) * 100.0).round() as u8;
+        for k in 0..val_good {
+            let seed = o.seed.wrapping_mul(1_000_003).wrapping_add(k as u64);
+            let painted = Source::WithDefect(
+                val.files[k].path().to_path_buf(),
+                seed,
+                strength,
+                o.val_defects,
+            );
+            val.files.push(painted);
+            val.classes.push(val.classes[k]);
+        }
     }
     Ok((train, val, val_good))
 }

@@ -32,6 +32,8 @@ pub(super) fn write_bundle(
     patch_grid: [usize; 2],
 ) -> Result<Bundle> {
     let selected = progress.best.clone().ok_or(TrainError::NoEpoch)?;
+    let head_file = head_file(selected.clone(), &centers)
+        .map_err(PathError::on("serialise the head", &o.out))?;
     let head = CrasHead::from_state_dict(&StateDict {
         tensors: selected,
         source: o.work.join("checkpoint.safetensors"),
@@ -48,10 +50,12 @@ pub(super) fn write_bundle(
     let state = &progress.state;
     let selection = match state.best_auroc {
         Some(a) => format!(
-            "epoch {} of {}: best image AUROC ({a:.4}) on {} held-out good images vs the same images with synthetic defects",
+            "epoch {} of {}: best image AUROC ({a:.4}) on {} held-out good images vs the same images with synthetic defects ({} at strengths {:?})",
             state.best_epoch.unwrap_or(0),
             o.epochs,
-            data.val_good
+            data.val_good,
+            o.val_defects.names(),
+            o.val_defect_strength
         ),
         None => format!("the last epoch ({}): no validation images", o.epochs),
     };
@@ -93,11 +97,13 @@ pub(super) fn write_bundle(
                 selected_epoch: state.best_epoch.unwrap_or(o.epochs),
                 selection,
             }),
+            added_classes: Vec::new(),
         },
         onnx_sha256: String::new(),
         model_sha256: String::new(),
+        head_sha256: String::new(),
     };
-    let bundle = Bundle::write(&o.out, meta, &onnx)?;
+    let bundle = Bundle::write(&o.out, meta, &onnx, Some(&head_file))?;
     tracing::info!(
         "bundle written to {} (model id {})",
         o.out.display(),
@@ -106,9 +112,29 @@ pub(super) fn write_bundle(
     Ok(bundle)
 }
 
+/// `head.safetensors`: the selected epoch's weights under their CRAS-level names (the
+/// scorer's BatchNorms unfolded) and the centers as `centers` [classes, patches, dim].
+pub fn head_file(
+    mut tensors: BTreeMap<String, crate::weights::Tensor>,
+    centers: &Centers,
+) -> std::io::Result<Vec<u8>> {
+    tensors.insert(
+        CENTERS_KEY.to_string(),
+        crate::weights::Tensor::f32(
+            vec![centers.classes, centers.patches, centers.dim],
+            centers.data.clone(),
+        ),
+    );
+    crate::weights::safetensors_bytes(&tensors)
+}
+
+/// The centers' name in `head.safetensors`.
+pub const CENTERS_KEY: &str = "centers";
+
 /// The training options as model.yaml records them; `sigma` is the noise level used.
 fn recorded_options(o: &TrainOptions, sigma: f64) -> BTreeMap<String, String> {
     [
+        ("recipe", o.recipe.clone()),
         ("epochs", o.epochs.to_string()),
         ("batch", o.batch.to_string()),
         ("adaptor_lr", o.adaptor_lr.to_string()),
@@ -122,7 +148,14 @@ fn recorded_options(o: &TrainOptions, sigma: f64) -> BTreeMap<String, String> {
         ),
         ("noise_k", o.noise_k.to_string()),
         ("val_fraction", o.val_fraction.to_string()),
-        ("val_defect_strength", o.val_defect_strength.to_string()),
+        (
+            "val_defect_strength",
+            o.val_defect_strength
+                .iter()
+                .map(f64::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
         ("val_defects", o.val_defects.names()),
         ("embed_dim", o.embed_dim.to_string()),
         ("pretrain_embed_dim", o.pre_dim.to_string()),
@@ -134,7 +167,7 @@ fn recorded_options(o: &TrainOptions, sigma: f64) -> BTreeMap<String, String> {
 }
 
 /// One hash over the training images' names (relative to the dataset root) and contents.
-fn sha_of_sources(paths: &[PathBuf], root: &Path) -> Result<String> {
+pub fn sha_of_sources(paths: &[PathBuf], root: &Path) -> std::result::Result<String, PathError> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for p in paths {

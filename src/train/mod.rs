@@ -23,9 +23,11 @@ mod error;
 mod export;
 pub mod features;
 mod params;
+pub mod recipe;
 
 pub use device::TrainDevice;
 pub use error::TrainError;
+pub use export::{CENTERS_KEY, head_file, sha_of_sources};
 
 use crate::backbone::{Backbone, BackboneKind};
 use crate::dataset::ClassData;
@@ -49,7 +51,7 @@ use std::time::Instant;
 
 type Result<T> = std::result::Result<T, TrainError>;
 
-/// Training options; defaults are the paper's.
+/// Training options (the CLI fills them from a [`recipe::Recipe`]).
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
     pub data: PathBuf,
@@ -72,10 +74,13 @@ pub struct TrainOptions {
     pub noise_relative: Option<f64>,
     pub noise_k: f64,
     pub val_fraction: f64,
-    /// Blend of the validation positives' synthetic defects (1: full strength).
-    pub val_defect_strength: f64,
+    /// Blends of the validation positives' synthetic defects (1: full strength): each
+    /// held-out image is painted once per strength.
+    pub val_defect_strength: Vec<f64>,
     /// The kinds of synthetic defect validation positives are drawn from.
     pub val_defects: crate::synth::DefectKinds,
+    /// Which recipe the settings came from (`default`, `paper`), for the record.
+    pub recipe: String,
     pub seed: u64,
     pub resume: bool,
     pub engine_options: EngineOptions,
@@ -101,9 +106,14 @@ impl TrainOptions {
                 self.input.resize, self.input.height
             ));
         }
-        if !(self.val_defect_strength > 0.0 && self.val_defect_strength <= 1.0) {
+        if self.val_defect_strength.is_empty()
+            || self
+                .val_defect_strength
+                .iter()
+                .any(|s| !(*s > 0.0 && *s <= 1.0))
+        {
             return bad(format!(
-                "--val-defect-strength {}: give a strength in (0, 1]",
+                "--val-defect-strength {:?}: give strengths in (0, 1]",
                 self.val_defect_strength
             ));
         }

@@ -275,6 +275,11 @@ fn load_safetensors(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>, String> {
 
 /// Writes f32 tensors as a safetensors file (used for head/backbone exports and tests).
 pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> std::io::Result<()> {
+    std::fs::write(path, safetensors_bytes(tensors)?)
+}
+
+/// Tensors in the safetensors format, in memory.
+pub fn safetensors_bytes(tensors: &BTreeMap<String, Tensor>) -> std::io::Result<Vec<u8>> {
     use safetensors::{Dtype, tensor::TensorView};
     let mut bufs: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = Vec::new();
     for (k, t) in tensors {
@@ -292,6 +297,5 @@ pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> std:
                 .map_err(|e| std::io::Error::other(e.to_string()))
         })
         .collect::<Result<_, _>>()?;
-    safetensors::serialize_to_file(views, None, path)
-        .map_err(|e| std::io::Error::other(e.to_string()))
+    safetensors::serialize(views, None).map_err(|e| std::io::Error::other(e.to_string()))
 }
