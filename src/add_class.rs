@@ -118,34 +118,25 @@ pub fn run(o: &AddClassOptions) -> Result<Added> {
     let head_file = crate::train::head_file(head_sd.tensors, &centers)
         .map_err(PathError::on("serialise the head", &o.out))?;
 
-    let mut new_meta = meta.clone();
-    new_meta.classes.push(class.name.clone());
-    new_meta.provenance.created_by = format!(
-        "{}; cras {} add-class {}",
-        meta.provenance.created_by,
-        env!("CARGO_PKG_VERSION"),
-        class.name
-    );
-    let mut bundle = Bundle::write(&o.out, new_meta, &onnx, Some(&head_file))?;
-
-    // Thresholds from the held-out good images, scored by the new graph.
+    // Thresholds from the held-out good images, scored by the new graph before anything
+    // is written: a failure leaves no half-made bundle behind.
     let mut engine = EngineKind::Onnxruntime.load(
-        &bundle.onnx,
+        &onnx,
         &EngineOptions {
             batch: 4,
             input_hw: (h, w),
             ..o.engine_options.clone()
         },
     )?;
-    let mut s = score(engine.as_mut(), &bundle, &held_out)?;
+    let mut s = score(engine.as_mut(), &meta.input, &held_out)?;
+    drop(engine);
     if s.image.is_empty() {
         return Err(ToolError::Data(format!(
             "class `{}`: no readable held-out image to calibrate on",
             class.name
         )));
     }
-    let new_id = (bundle.meta.classes.len() - 1) as i64;
-    let chosen = s.class_ids.iter().filter(|&&c| c == new_id).count();
+    let new_id = meta.classes.len() as i64;
     let thresholds = ClassThresholds {
         image: threshold_from_good(&mut s.image, o.quantile, o.margin) as f32,
         pixel: Some(threshold_from_good(&mut s.pixels, o.pixel_quantile, o.margin) as f32),
@@ -158,16 +149,18 @@ pub fn run(o: &AddClassOptions) -> Result<Added> {
         holdout_images: s.image.len(),
         seed,
         holdout_fraction: o.holdout_fraction,
-        holdout_chosen: chosen,
+        holdout_chosen: s.class_ids.iter().filter(|&&c| c == new_id).count(),
         added_at: crate::clock::unix_secs(),
         seconds: started.elapsed().as_secs_f64(),
     };
-    bundle
-        .meta
+
+    let mut new_meta = meta.clone();
+    new_meta.classes.push(class.name.clone());
+    new_meta
         .thresholds
         .insert(class.name.clone(), thresholds.clone());
-    bundle.meta.provenance.added_classes.push(record.clone());
-    bundle.write_meta()?;
+    new_meta.provenance.added_classes.push(record.clone());
+    let bundle = Bundle::write(&o.out, new_meta, &onnx, Some(&head_file))?;
     Ok(Added {
         bundle,
         record,

@@ -62,10 +62,9 @@ pub(crate) struct Scores {
 
 pub(crate) fn score(
     engine: &mut dyn crate::engine::Engine,
-    bundle: &Bundle,
+    spec: &crate::preprocess::InputSpec,
     paths: &[PathBuf],
 ) -> Result<Scores> {
-    let spec = &bundle.meta.input;
     let mut s = Scores {
         image: Vec::new(),
         pixels: Vec::new(),
@@ -159,7 +158,7 @@ pub fn run(o: &CalibrateOptions) -> Result<Bundle> {
             labelled_thresholds(engine.as_mut(), &bundle, c)?
         } else {
             let paths = &goods[ci];
-            let mut s = score(engine.as_mut(), &bundle, paths)?;
+            let mut s = score(engine.as_mut(), &bundle.meta.input, paths)?;
             if s.image.is_empty() {
                 return Err(ToolError::Data(format!(
                     "class `{}`: no readable good image to calibrate on",
@@ -212,7 +211,7 @@ fn labelled_thresholds(
             c.name
         )));
     }
-    let s = score(engine, bundle, &paths)?;
+    let s = score(engine, spec, &paths)?;
     if s.image.len() != c.test.len() {
         return Err(ToolError::Data(format!(
             "class `{}`: some test images could not be read; fix them before calibrating on labels",
