@@ -45,6 +45,19 @@ pub fn quantile(values: &mut [f32], q: f64) -> f64 {
     values[lo] as f64 * (1.0 - frac) + values[hi] as f64 * frac
 }
 
+/// Warns when an image threshold is at or above 1.0, the highest score the graph gives
+/// (a sigmoid): the class could then never alarm. It happens when the scorer saturates
+/// on the class's good parts, typically a class it was not trained with.
+pub fn warn_if_blind(class: &str, image_threshold: f64) {
+    if image_threshold >= 1.0 {
+        tracing::warn!(
+            "class `{class}`: image threshold {image_threshold:.6} is at or above 1.0, the highest score \
+             the model gives: no image of this class will ever alarm. Its good parts already score at \
+             the top of the range; train a model with this class, or calibrate it with --with-defects"
+        );
+    }
+}
+
 /// `Q_q + margin * (Q_q - Q_0.5)`.
 pub fn threshold_from_good(values: &mut [f32], q: f64, margin: f64) -> f64 {
     let median = quantile(values, 0.5);
@@ -174,6 +187,7 @@ pub fn run(o: &CalibrateOptions) -> Result<Bundle> {
                 o.quantile,
                 o.margin
             );
+            warn_if_blind(&c.name, image);
             ClassThresholds {
                 image: image as f32,
                 pixel: Some(pixel as f32),
