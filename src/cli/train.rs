@@ -30,7 +30,7 @@ pub struct TrainArgs {
     pub image_size: usize,
     /// Shorter side before the centre crop [default: the image size, so a square frame is
     /// inspected whole; the paper's 329 for 288 drops 6% of each edge, where defects can
-    /// be]
+    /// be; --paper: 329 for 288]
     #[arg(long)]
     pub resize: Option<usize>,
     /// Embedding width D [default: 384 for efficientnet_lite0, 1536 for the ResNets]
