@@ -86,6 +86,10 @@ pub fn prepare(opts: &DemoOptions) -> Result<PathBuf> {
             Command::new(&me)
                 .args(["train", "--backbone", "efficientnet_lite0"])
                 .args(["--image-size", "128", "--embed-dim", "128", "--batch", "8"])
+                // The small demo line keeps the settings it was tuned with (its operator
+                // view's heat is judged against them), not `train`'s default recipe.
+                .args(["--normalization", "imagenet", "--val-defect-strength", "1"])
+                .args(["--val-defects", "scratch,spot,missing,crack"])
                 .args([
                     "--noise-relative",
                     "0.2",
