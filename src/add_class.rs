@@ -50,6 +50,7 @@ const EMBED_BATCH: usize = 8;
 
 pub fn run(o: &AddClassOptions) -> Result<Added> {
     let started = Instant::now();
+    crate::calibrate::check_rule(o.quantile, o.pixel_quantile, o.margin)?;
     let old = Bundle::read(&o.model)?;
     check_target(o, &old)?;
     let mut head_sd = old.read_head()?;
@@ -247,28 +248,18 @@ fn mean_embedding(
     let mut images = 0;
     let mut last_note = Instant::now();
     for (k, chunk) in paths.chunks(EMBED_BATCH).enumerate() {
-        let mut input = Vec::new();
-        let mut n = 0;
-        for p in chunk {
-            match preprocess::prepare(p, spec) {
-                Ok((x, _)) => {
-                    input.extend(x);
-                    n += 1;
-                }
-                Err(e) => tracing::warn!("skipping {e}"),
-            }
-        }
+        let (mut input, n) = preprocess::prepare_readable(chunk, spec);
         if n == 0 {
             continue;
         }
-        let run_n = engine.fixed_batch().unwrap_or(n).max(n);
-        input.resize(run_n * 3 * spec.height * spec.width, 0.0);
-        let outs = engine.run(&input, [run_n, 3, spec.height, spec.width])?;
+        let outs = crate::engine::run_padded(engine, &mut input, n, (spec.height, spec.width))?;
+        // The input now holds the padded batch the engine ran.
+        let ran = input.len() / (3 * spec.height * spec.width);
         let emb = outs
             .iter()
             .find(|t| t.name == "embedding")
             .and_then(|t| t.f32())
-            .filter(|e| e.len() == run_n * patches * dim)
+            .filter(|e| e.len() == ran * patches * dim)
             .ok_or_else(|| {
                 ToolError::Data("the embedding graph gave no embedding of the expected size".into())
             })?;

@@ -58,6 +58,20 @@ pub fn warn_if_blind(class: &str, image_threshold: f64) {
     }
 }
 
+/// Refuses quantiles outside [0, 1] and a negative margin.
+pub fn check_rule(quantile: f64, pixel_quantile: f64, margin: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&quantile)
+        || !(0.0..=1.0).contains(&pixel_quantile)
+        || margin.is_nan()
+        || margin < 0.0
+    {
+        return Err(ToolError::Options(
+            "--quantile and --pixel-quantile must be in [0, 1] and --margin at least 0".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// `Q_q + margin * (Q_q - Q_0.5)`.
 pub fn threshold_from_good(values: &mut [f32], q: f64, margin: f64) -> f64 {
     let median = quantile(values, 0.5);
@@ -84,17 +98,7 @@ pub(crate) fn score(
         class_ids: Vec::new(),
     };
     for chunk in paths.chunks(4) {
-        let mut input = Vec::new();
-        let mut n = 0;
-        for p in chunk {
-            match preprocess::prepare(p, spec) {
-                Ok((x, _)) => {
-                    input.extend(x);
-                    n += 1;
-                }
-                Err(e) => tracing::warn!("skipping {e}"),
-            }
-        }
+        let (mut input, n) = preprocess::prepare_readable(chunk, spec);
         if n == 0 {
             continue;
         }
@@ -143,14 +147,7 @@ fn good_images(bundle: &Bundle, classes: &[ClassData]) -> Result<Vec<Vec<PathBuf
 }
 
 pub fn run(o: &CalibrateOptions) -> Result<Bundle> {
-    if !(0.0..=1.0).contains(&o.quantile)
-        || !(0.0..=1.0).contains(&o.pixel_quantile)
-        || o.margin < 0.0
-    {
-        return Err(ToolError::Options(
-            "--quantile and --pixel-quantile must be in [0, 1] and --margin at least 0".into(),
-        ));
-    }
+    check_rule(o.quantile, o.pixel_quantile, o.margin)?;
     let mut bundle = Bundle::read(&o.model)?;
     let classes = crate::dataset::open(&o.data, &bundle.meta.classes)?;
     let mut engine = o.engine.load(

@@ -9,27 +9,6 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 
-fn synth(dir: &Path) {
-    let (code, _, err) = cras(&[
-        "synth",
-        "--out",
-        dir.to_str().unwrap(),
-        "--classes",
-        "3",
-        "--train",
-        "20",
-        "--test-good",
-        "6",
-        "--test-defect",
-        "3",
-        "--size",
-        "128",
-        "--seed",
-        "1",
-    ]);
-    assert_eq!(code, 0, "{err}");
-}
-
 /// A calibrated two-class model (checker, grain) with the default recipe, at 128 px.
 fn two_class_model(dir: &Path, data: &Path) -> PathBuf {
     let model = dir.join("m2");
@@ -132,7 +111,7 @@ fn file_hashes(dir: &Path) -> Vec<(PathBuf, String)> {
 fn added_class_works_and_the_others_score_as_before() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    synth(&data);
+    synth_line(&data);
     let m2 = two_class_model(dir.path(), &data);
     let before = file_hashes(&m2);
 
@@ -215,7 +194,7 @@ fn added_class_works_and_the_others_score_as_before() {
 fn add_class_refuses_what_it_cannot_do_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    synth(&data);
+    synth_line(&data);
     let m2 = two_class_model(dir.path(), &data);
     let out = dir.path().join("out");
     let other_weights = dir.path().join("other.pth");

@@ -9,29 +9,7 @@
 mod common;
 
 use common::*;
-use std::path::Path;
 use std::process::{Command, Stdio};
-
-fn synth(dir: &Path) {
-    let (code, _, err) = cras(&[
-        "synth",
-        "--out",
-        dir.to_str().unwrap(),
-        "--classes",
-        "3",
-        "--train",
-        "20",
-        "--test-good",
-        "6",
-        "--test-defect",
-        "3",
-        "--size",
-        "128",
-        "--seed",
-        "1",
-    ]);
-    assert_eq!(code, 0, "{err}");
-}
 
 /// `cras train` on the synthetic line with the default recipe; `backbone` is
 /// `lite0_arg()`; `epochs` "" keeps the default.
@@ -73,7 +51,7 @@ fn lite0_arg() -> String {
 fn trains_evaluates_and_calibrates() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    synth(&data);
+    synth_line(&data);
     let (model, work, report) = (
         dir.path().join("model"),
         dir.path().join("work"),
@@ -179,7 +157,7 @@ fn trains_evaluates_and_calibrates() {
 fn paper_recipe_is_the_papers_settings() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    synth(&data);
+    synth_line(&data);
     let (model, work) = (dir.path().join("m"), dir.path().join("w"));
     let bb = lite0_arg();
     let mut args = train_args(
@@ -213,7 +191,7 @@ fn paper_recipe_is_the_papers_settings() {
 fn same_seed_same_model_and_resume_continues() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    synth(&data);
+    synth_line(&data);
     let bb = lite0_arg();
     let run = |name: &str, epochs: &str, resume: bool| -> (i32, String) {
         let out = dir.path().join(name);
@@ -253,7 +231,7 @@ fn same_seed_same_model_and_resume_continues() {
 fn interrupt_saves_a_checkpoint_that_resume_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    synth(&data);
+    synth_line(&data);
     let (out, work) = (dir.path().join("m"), dir.path().join("w"));
     let bb = lite0_arg();
     let args = train_args(
@@ -321,7 +299,7 @@ unsafe extern "C" {
 fn unusable_training_device_is_refused_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    synth(&data);
+    synth_line(&data);
     let bb = lite0_arg();
     let mut cases = vec![("tpu", "use cpu, cuda or cuda:N"), ("cuda:x", "cuda:N")];
     if cfg!(not(feature = "cuda")) {

@@ -31,15 +31,9 @@ pub struct AddClassArgs {
     /// Fraction of the class's good images held out for its thresholds.
     #[arg(long, default_value_t = 0.1)]
     pub holdout_fraction: f64,
-    /// Quantile of the held-out images' scores (image threshold).
-    #[arg(long, default_value_t = 0.99)]
-    pub quantile: f64,
-    /// Quantile of their anomaly-map values (pixel threshold).
-    #[arg(long, default_value_t = 0.999)]
-    pub pixel_quantile: f64,
-    /// Margin, in units of (quantile - median) of the good scores.
-    #[arg(long, default_value_t = 0.5)]
-    pub margin: f64,
+    /// Its thresholds follow `cras calibrate`'s rule, over the held-out images.
+    #[command(flatten)]
+    pub rule: super::calibrate::ThresholdRule,
     #[command(flatten)]
     pub runtime: super::RuntimeArgs,
 }
@@ -72,9 +66,9 @@ impl AddClassArgs {
             out: out.clone(),
             backbone_weights: backbone.weights,
             holdout_fraction: self.holdout_fraction,
-            quantile: self.quantile,
-            pixel_quantile: self.pixel_quantile,
-            margin: self.margin,
+            quantile: self.rule.quantile,
+            pixel_quantile: self.rule.pixel_quantile,
+            margin: self.rule.margin,
             engine_options: self.runtime.options(8),
         })?;
         let r = &added.record;

@@ -18,6 +18,18 @@ pub struct CalibrateArgs {
     /// Dataset root in MVTec layout.
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
+    #[command(flatten)]
+    pub rule: ThresholdRule,
+    /// Use the labelled test images (F1-optimal thresholds) instead of good images only.
+    #[arg(long)]
+    pub with_defects: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// The rule that sets thresholds from good images: Q_q + margin x (Q_q - median).
+#[derive(Args)]
+pub struct ThresholdRule {
     /// Quantile of the good images' scores.
     #[arg(long, default_value_t = 0.99)]
     pub quantile: f64,
@@ -27,11 +39,6 @@ pub struct CalibrateArgs {
     /// Margin, in units of (quantile - median) of the good scores.
     #[arg(long, default_value_t = 0.5)]
     pub margin: f64,
-    /// Use the labelled test images (F1-optimal thresholds) instead of good images only.
-    #[arg(long)]
-    pub with_defects: bool,
-    #[command(flatten)]
-    pub engine: EngineArgs,
 }
 
 impl CalibrateArgs {
@@ -39,9 +46,9 @@ impl CalibrateArgs {
         let b = cras::calibrate::run(&cras::calibrate::CalibrateOptions {
             model: self.model.clone(),
             data: self.data,
-            quantile: self.quantile,
-            pixel_quantile: self.pixel_quantile,
-            margin: self.margin,
+            quantile: self.rule.quantile,
+            pixel_quantile: self.rule.pixel_quantile,
+            margin: self.rule.margin,
             with_defects: self.with_defects,
             engine: self.engine.engine,
             engine_options: self.engine.options(4),

@@ -120,10 +120,6 @@ impl TrainArgs {
             .work
             .clone()
             .unwrap_or_else(|| cras::train::default_work_folder(&self.out));
-        let (noise_std, noise_relative) = match recipe.noise {
-            Noise::Absolute(sigma) => (sigma, None),
-            Noise::Relative(r) => (0.0, Some(r)),
-        };
         let opts = cras::train::TrainOptions {
             data: self.data.clone(),
             classes,
@@ -142,8 +138,7 @@ impl TrainArgs {
             batch: recipe.batch,
             adaptor_lr: self.lr,
             scorer_lr: self.scorer_lr,
-            noise_std,
-            noise_relative,
+            noise: recipe.noise,
             noise_k: self.noise_k,
             val_fraction: self.val_fraction,
             val_defect_strength: recipe.val_defect_strength,

@@ -205,9 +205,20 @@ pub fn run_images(
     n: usize,
     (h, w): (usize, usize),
 ) -> Result<CrasOutputs, EngineError> {
+    CrasOutputs::for_batch(run_padded(engine, input, n, (h, w))?, n)
+}
+
+/// Runs `n` images, padded with zero images to the engine's fixed batch if it has one;
+/// outputs of the padding come back too (callers read the first `n`).
+pub fn run_padded(
+    engine: &mut dyn Engine,
+    input: &mut Vec<f32>,
+    n: usize,
+    (h, w): (usize, usize),
+) -> Result<Vec<NamedTensor>, EngineError> {
     let run_n = engine.fixed_batch().unwrap_or(n).max(n);
     input.resize(run_n * 3 * h * w, 0.0);
-    CrasOutputs::for_batch(engine.run(input, [run_n, 3, h, w])?, n)
+    engine.run(input, [run_n, 3, h, w])
 }
 
 /// The four outputs of a CRAS graph for one batch.

@@ -216,6 +216,23 @@ pub fn prepare(path: &Path, spec: &InputSpec) -> Result<(Vec<f32>, RgbImage), Im
     Ok((t, crop))
 }
 
+/// The network inputs of `paths`, one after another, for one engine call; an unreadable
+/// image is skipped with a warning. Returns the inputs and how many images they hold.
+pub fn prepare_readable(paths: &[std::path::PathBuf], spec: &InputSpec) -> (Vec<f32>, usize) {
+    let mut input = Vec::new();
+    let mut n = 0;
+    for p in paths {
+        match prepare(p, spec) {
+            Ok((x, _)) => {
+                input.extend(x);
+                n += 1;
+            }
+            Err(e) => tracing::warn!("skipping {e}"),
+        }
+    }
+    (input, n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ use super::TrainError;
 use super::TrainOptions;
 use super::checkpoint::Progress;
 use super::data::TrainingData;
+use super::recipe::Noise;
 use crate::backbone::Backbone;
 use crate::dataset::ClassData;
 use crate::model::bundle::{
@@ -32,12 +33,13 @@ pub(super) fn write_bundle(
     patch_grid: [usize; 2],
 ) -> Result<Bundle> {
     let selected = progress.best.clone().ok_or(TrainError::NoEpoch)?;
-    let head_file = head_file(selected.clone(), &centers)
-        .map_err(PathError::on("serialise the head", &o.out))?;
-    let head = CrasHead::from_state_dict(&StateDict {
+    let selected = StateDict {
         tensors: selected,
         source: o.work.join("checkpoint.safetensors"),
-    })?;
+    };
+    let head = CrasHead::from_state_dict(&selected)?;
+    let head_file = head_file(selected.tensors, &centers)
+        .map_err(PathError::on("serialise the head", &o.out))?;
     let model = CrasModel {
         backbone,
         head: &head,
@@ -92,7 +94,7 @@ pub(super) fn write_bundle(
                 train_images: data.per_class.clone(),
                 validation_images: data.val_good,
                 seed: o.seed,
-                options: recorded_options(o, state.noise_sigma.unwrap_or(o.noise_std)),
+                options: recorded_options(o, state.noise_sigma),
                 epochs: state.history.clone(),
                 selected_epoch: state.best_epoch.unwrap_or(o.epochs),
                 selection,
@@ -132,20 +134,22 @@ pub fn head_file(
 pub const CENTERS_KEY: &str = "centers";
 
 /// The training options as model.yaml records them; `sigma` is the noise level used.
-fn recorded_options(o: &TrainOptions, sigma: f64) -> BTreeMap<String, String> {
+fn recorded_options(o: &TrainOptions, sigma: Option<f64>) -> BTreeMap<String, String> {
+    let relative = match o.noise {
+        Noise::Relative(r) => r.to_string(),
+        Noise::Absolute(_) => "-".into(),
+    };
     [
         ("recipe", o.recipe.clone()),
         ("epochs", o.epochs.to_string()),
         ("batch", o.batch.to_string()),
         ("adaptor_lr", o.adaptor_lr.to_string()),
         ("scorer_lr", o.scorer_lr.to_string()),
-        ("noise_std", sigma.to_string()),
         (
-            "noise_relative",
-            o.noise_relative
-                .map(|r| r.to_string())
-                .unwrap_or_else(|| "-".into()),
+            "noise_std",
+            sigma.map_or_else(|| "-".into(), |s| s.to_string()),
         ),
+        ("noise_relative", relative),
         ("noise_k", o.noise_k.to_string()),
         ("val_fraction", o.val_fraction.to_string()),
         (

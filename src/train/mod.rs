@@ -67,11 +67,9 @@ pub struct TrainOptions {
     pub batch: usize,
     pub adaptor_lr: f64,
     pub scorer_lr: f64,
-    pub noise_std: f64,
-    /// When set, sigma = this x the adapted features' mean per-dimension std at
-    /// initialisation (instead of `noise_std`): the same relative perturbation whatever
-    /// the backbone's feature scale.
-    pub noise_relative: Option<f64>,
+    /// The synthetic anomalies' noise level: sigma itself, or relative to the adapted
+    /// features' spread at initialisation.
+    pub noise: recipe::Noise,
     pub noise_k: f64,
     pub val_fraction: f64,
     /// Blends of the validation positives' synthetic defects (1: full strength): each
@@ -181,7 +179,7 @@ pub fn train(
         bank: CenterBank::new(centers.clone(), shape[0], shape[1], shape[2], &dev)?,
         rng,
         dev,
-        sigma: o.noise_std,
+        sigma: 0.0, // set below, from the fresh run or the checkpoint
         noise_k: o.noise_k,
         batch: o.batch,
     };
@@ -200,7 +198,17 @@ pub fn train(
             progress
         }
     };
-    trainer.sigma = progress.state.noise_sigma.unwrap_or(o.noise_std);
+    trainer.sigma = match (progress.state.noise_sigma, o.noise) {
+        (Some(sigma), _) => sigma,
+        (None, recipe::Noise::Absolute(sigma)) => sigma,
+        (None, recipe::Noise::Relative(_)) => {
+            return Err(TrainError::Options(format!(
+                "the checkpoint in {} records no noise sigma (an older run) to resume relative noise with; \
+                 train again without --resume",
+                o.work.display()
+            )));
+        }
+    };
 
     // 4. The epochs, each scored on validation and checkpointed.
     for epoch in progress.state.next_epoch..o.epochs {
@@ -261,10 +269,7 @@ fn initial_centers(
         }
     }
     let mean_std = sums.mean_std();
-    let sigma = o
-        .noise_relative
-        .map(|r| r * mean_std)
-        .unwrap_or(o.noise_std);
+    let sigma = o.noise.sigma(mean_std);
     tracing::info!(
         "adapted features at initialisation: mean per-dimension std {mean_std:.4}; noise sigma {sigma:.5} is {:.1}% of it",
         100.0 * sigma / mean_std.max(f64::MIN_POSITIVE)

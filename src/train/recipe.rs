@@ -20,6 +20,16 @@ pub enum Noise {
     Relative(f64),
 }
 
+impl Noise {
+    /// sigma for adapted features whose mean per-dimension std is `spread`.
+    pub fn sigma(self, spread: f64) -> f64 {
+        match self {
+            Noise::Absolute(sigma) => sigma,
+            Noise::Relative(r) => r * spread,
+        }
+    }
+}
+
 /// The settings a recipe fixes. Sizes (image size, embedding width) are not part of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recipe {

@@ -56,6 +56,29 @@ pub fn cras(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The small synthetic line the training tests use: 3 classes (checker, grain, stripes)
+/// of 20 good training images, 6 good and 3 per defect type in test, 128 px, seed 1.
+pub fn synth_line(dir: &Path) {
+    let (code, _, err) = cras(&[
+        "synth",
+        "--out",
+        dir.to_str().unwrap(),
+        "--classes",
+        "3",
+        "--train",
+        "20",
+        "--test-good",
+        "6",
+        "--test-defect",
+        "3",
+        "--size",
+        "128",
+        "--seed",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+}
+
 pub fn f32s(path: &Path) -> Vec<f32> {
     match npy::read_file(path).unwrap().data {
         TensorData::F32(v) => v,
