@@ -142,7 +142,7 @@ pub fn run(o: &AddClassOptions) -> Result<Added> {
         image: threshold_from_good(&mut s.image, o.quantile, o.margin) as f32,
         pixel: Some(threshold_from_good(&mut s.pixels, o.pixel_quantile, o.margin) as f32),
     };
-    crate::calibrate::warn_if_blind(&class.name, thresholds.image as f64);
+    crate::calibrate::warn_if_saturated(&class.name, thresholds.image as f64);
     let record = AddedClass {
         class: class.name.clone(),
         dataset: o.data.display().to_string(),

@@ -4,7 +4,8 @@
 //! - image threshold `t = Q_q + margin * (Q_q - Q_0.5)` of the good images' scores,
 //!   with `q` = 0.99 and margin 0.5 by default: the q-quantile sets the expected false
 //!   alarm rate on good parts and the margin, measured in the spread of the good scores
-//!   above their median, keeps a small validation set from placing it too tightly;
+//!   above their median, keeps a small validation set from placing it too tightly. The
+//!   rule runs on the scores' logit (see [`threshold_from_good`]);
 //! - pixel threshold: the same rule over every anomaly-map value of those images, with
 //!   the pixel quantile (0.999 by default).
 //!
@@ -45,15 +46,17 @@ pub fn quantile(values: &mut [f32], q: f64) -> f64 {
     values[lo] as f64 * (1.0 - frac) + values[hi] as f64 * frac
 }
 
-/// Warns when an image threshold is at or above 1.0, the highest score the graph gives
-/// (a sigmoid): the class could then never alarm. It happens when the scorer saturates
-/// on the class's good parts, typically a class it was not trained with.
-pub fn warn_if_blind(class: &str, image_threshold: f64) {
-    if image_threshold >= 1.0 {
+/// Warns when an image threshold sits at the top of the score range (the largest f32
+/// below 1.0 or above): the scorer saturates on the class's good parts, typically a class
+/// it was not trained with, and the threshold cannot be placed finer than "the score
+/// saturated" (never an alarm, or one on every part that saturates too).
+pub fn warn_if_saturated(class: &str, image_threshold: f64) {
+    if image_threshold as f32 >= 1.0 - f32::EPSILON / 2.0 {
         tracing::warn!(
-            "class `{class}`: image threshold {image_threshold:.6} is at or above 1.0, the highest score \
-             the model gives: no image of this class will ever alarm. Its good parts already score at \
-             the top of the range; train a model with this class, or calibrate it with --with-defects"
+            "class `{class}`: image threshold {} is at the top of the score range: the scorer \
+             saturates on this class's good parts, so only parts whose score saturates too will \
+             alarm. Train a model with this class, or calibrate it with --with-defects",
+            image_threshold as f32
         );
     }
 }
@@ -72,11 +75,30 @@ pub fn check_rule(quantile: f64, pixel_quantile: f64, margin: f64) -> Result<()>
     Ok(())
 }
 
-/// `Q_q + margin * (Q_q - Q_0.5)`.
+/// The rule `Q_q + margin * (Q_q - Q_0.5)`, taken on the logit of the scores and mapped
+/// back through the sigmoid. Scores are probabilities; near 1.0 a probability keeps
+/// almost no room above the good parts' quantile (a class whose good parts score
+/// 0.9999 got thresholds above 1.0 under the same rule on probabilities, and could never
+/// alarm), while the logit spreads that range out. A quantile is the same in both spaces
+/// (the logit is monotone); only the margin is measured on the logit scale. Scores of
+/// exactly 0 or 1 are clamped to the nearest f32 values inside the open interval.
 pub fn threshold_from_good(values: &mut [f32], q: f64, margin: f64) -> f64 {
-    let median = quantile(values, 0.5);
-    let qq = quantile(values, q);
-    qq + margin * (qq - median)
+    let median = logit(quantile(values, 0.5));
+    let qq = logit(quantile(values, q));
+    sigmoid(qq + margin * (qq - median))
+}
+
+/// The smallest positive f32 gap below 1.0: scores are clamped to
+/// `[EDGE, 1 - EDGE]` before the logit so that saturated scores stay finite.
+const EDGE: f64 = 5.960_464_477_539_063e-8; // 2^-24
+
+fn logit(p: f64) -> f64 {
+    let p = p.clamp(EDGE, 1.0 - EDGE);
+    (p / (1.0 - p)).ln()
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
 }
 
 pub(crate) struct Scores {
@@ -177,14 +199,17 @@ pub fn run(o: &CalibrateOptions) -> Result<Bundle> {
             }
             let image = threshold_from_good(&mut s.image, o.quantile, o.margin);
             let pixel = threshold_from_good(&mut s.pixels, o.pixel_quantile, o.margin);
+            // Shortest exact form of the stored f32: near 1.0 five decimals hide it.
             eprintln!(
-                "{}: image threshold {image:.5}, pixel threshold {pixel:.5} (from {} good images, q {}, margin {})",
+                "{}: image threshold {}, pixel threshold {} (from {} good images, q {}, margin {})",
                 c.name,
+                image as f32,
+                pixel as f32,
                 s.image.len(),
                 o.quantile,
                 o.margin
             );
-            warn_if_blind(&c.name, image);
+            warn_if_saturated(&c.name, image);
             ClassThresholds {
                 image: image as f32,
                 pixel: Some(pixel as f32),
@@ -261,7 +286,29 @@ mod tests {
         let mut v = [10.0f32, 1.0, 3.0, 2.0, 4.0];
         assert!((quantile(&mut v, 0.5) - 3.0).abs() < 1e-9);
         assert!((quantile(&mut v, 0.9) - 7.6).abs() < 1e-6);
-        // threshold: Q0.9 + 0.5 * (Q0.9 - median) = 7.6 + 2.3
-        assert!((threshold_from_good(&mut v, 0.9, 0.5) - 9.9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_rule_runs_on_the_logit() {
+        // Scores 0.1..0.9: median 0.5 (logit 0), Q0.9 = 0.82 (logit ln(0.82/0.18)).
+        let mut v: Vec<f32> = (1..=9).map(|i| i as f32 / 10.0).collect();
+        let lq = (0.82f64 / 0.18).ln();
+        let want = 1.0 / (1.0 + (-(1.5 * lq)).exp());
+        assert!((threshold_from_good(&mut v, 0.9, 0.5) - want).abs() < 1e-6);
+        // Without a margin it is the plain quantile.
+        assert!((threshold_from_good(&mut v, 0.9, 0.0) - 0.82).abs() < 1e-6);
+    }
+
+    #[test]
+    fn good_parts_near_one_still_get_a_threshold_below_one() {
+        // The case that made the old rule blind: good scores crowding under 1.0.
+        let mut v: Vec<f32> = (0..100).map(|i| 0.9999 + i as f32 * 9e-7).collect();
+        let q = quantile(&mut v.clone(), 0.99);
+        let t = threshold_from_good(&mut v, 0.99, 0.5);
+        assert!(t > q && t < 1.0, "threshold {t} vs Q0.99 {q}");
+        // Saturated scores stay finite: the threshold is the top of the range.
+        let mut sat = vec![1.0f32; 10];
+        let t = threshold_from_good(&mut sat, 0.99, 0.5);
+        assert!(t.is_finite() && t as f32 == 1.0 - f32::EPSILON / 2.0);
     }
 }

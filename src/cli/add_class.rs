@@ -73,7 +73,7 @@ impl AddClassArgs {
         })?;
         let r = &added.record;
         eprintln!(
-            "{}: centers from {} good images; image threshold {:.5}, pixel threshold {:.5} from {} held out, \
+            "{}: centers from {} good images; image threshold {}, pixel threshold {} from {} held out, \
              {} of which the model assigns to `{}`; {:.1} s",
             r.class,
             r.center_images,

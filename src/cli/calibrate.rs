@@ -6,8 +6,8 @@ use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Thresholds from good images: Q_q + margin x (Q_q - median) of their scores, per class
-/// (image) and over their anomaly maps (pixel). The good images are the validation
+/// Thresholds from good images: Q_q + margin x (Q_q - median) of their scores' logit,
+/// per class (image) and over their anomaly maps (pixel). The good images are the validation
 /// hold-out recorded by `cras train`. With --with-defects: F1-optimal thresholds on the
 /// labelled test images instead.
 #[derive(Args)]
@@ -27,7 +27,8 @@ pub struct CalibrateArgs {
     pub engine: EngineArgs,
 }
 
-/// The rule that sets thresholds from good images: Q_q + margin x (Q_q - median).
+/// The rule that sets thresholds from good images: Q_q + margin x (Q_q - median), taken
+/// on the logit of the scores (room above good parts that score near 1.0).
 #[derive(Args)]
 pub struct ThresholdRule {
     /// Quantile of the good images' scores.
@@ -36,7 +37,7 @@ pub struct ThresholdRule {
     /// Quantile of the good images' anomaly-map values (pixel threshold).
     #[arg(long, default_value_t = 0.999)]
     pub pixel_quantile: f64,
-    /// Margin, in units of (quantile - median) of the good scores.
+    /// Margin, in units of (quantile - median) of the good scores' logit.
     #[arg(long, default_value_t = 0.5)]
     pub margin: f64,
 }
