@@ -84,7 +84,11 @@ pub fn run(o: &AddClassOptions) -> Result<Added> {
     let class = crate::dataset::open(&o.data, std::slice::from_ref(&o.class))?
         .pop()
         .ok_or_else(|| ToolError::Data(format!("class `{}`: not found", o.class)))?;
-    let seed = meta.provenance.training.as_ref().map_or(0, |t| t.seed);
+    let seed = meta
+        .provenance
+        .training
+        .as_ref()
+        .map_or(0, |t| t.holdout_seed());
     let (center_paths, held_out) = crate::dataset::holdout_class(&class, seed, o.holdout_fraction)?;
 
     // The centers: the mean embedding per patch, then the trained adaptor.

@@ -149,7 +149,8 @@ fn good_images(bundle: &Bundle, classes: &[ClassData]) -> Result<Vec<Vec<PathBuf
             .filter(|c| added(c).is_none())
             .cloned()
             .collect();
-        let mut joint = crate::dataset::holdout_split(&trained, t.seed, fraction)?.into_iter();
+        let mut joint =
+            crate::dataset::holdout_split(&trained, t.holdout_seed(), fraction)?.into_iter();
         let mut held = Vec::with_capacity(classes.len());
         for c in classes {
             held.push(match added(c) {

@@ -220,11 +220,56 @@ fn same_seed_same_model_and_resume_continues() {
     };
     assert_eq!(sha("a"), sha("b"), "same seed, same data: the same model");
 
+    // --holdout-seed keeps the hold-out of seed 0 while the training seed moves: the
+    // cached embeddings of run a (keyed by the image lists) serve both splits, and the
+    // model differs. Without it, seed 1 draws another hold-out and embeds afresh.
+    let seeded = |name: &str, extra: &[&str]| -> String {
+        let out = dir.path().join(name);
+        let work = dir.path().join(format!("{name}.work"));
+        copy_dir(&dir.path().join("a.work"), &work);
+        let mut args = train_args(
+            &bb,
+            data.to_str().unwrap(),
+            out.to_str().unwrap(),
+            work.to_str().unwrap(),
+            "1",
+        );
+        let at = args.iter().position(|a| *a == "--seed").unwrap();
+        args[at + 1] = "1";
+        args.extend(extra);
+        let (code, _, err) = cras(&args);
+        assert_eq!(code, 0, "{err}");
+        err
+    };
+    let same = seeded("c", &["--holdout-seed", "0"]);
+    assert!(same.contains("train: reusing cached embeddings"), "{same}");
+    assert!(
+        same.contains("validation: reusing cached embeddings"),
+        "{same}"
+    );
+    let c = cras::model::bundle::Bundle::read(&dir.path().join("c")).unwrap();
+    let t = c.meta.provenance.training.as_ref().unwrap();
+    assert_eq!((t.seed, t.holdout_seed, t.holdout_seed()), (1, Some(0), 0));
+    assert_ne!(c.meta.onnx_sha256, sha("a"));
+    let other = seeded("d", &[]);
+    assert!(
+        !other.contains("train: reusing cached embeddings"),
+        "{other}"
+    );
+
     let (c, err) = run("a", "3", true);
     assert_eq!(c, 0, "{err}");
     assert!(err.contains("resuming at epoch 3"), "{err}");
     let b = cras::model::bundle::Bundle::read(&dir.path().join("a")).unwrap();
     assert_eq!(b.meta.provenance.training.unwrap().epochs.len(), 3);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
 }
 
 #[test]

@@ -86,6 +86,11 @@ pub struct TrainArgs {
     /// Random seed (split, initialisation, noise, shuffling).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Seed of the validation hold-out and its painted defects alone [default: --seed].
+    /// Different --seed with one --holdout-seed trains on the same images and selects on
+    /// the same validation set: what moves is the training's own randomness.
+    #[arg(long)]
+    pub holdout_seed: Option<u64>,
     /// Continue an interrupted run from the checkpoint in the work folder.
     #[arg(long)]
     pub resume: bool,
@@ -145,6 +150,7 @@ impl TrainArgs {
             val_defects: recipe.val_defects,
             recipe: if self.paper { "paper" } else { "default" }.into(),
             seed: self.seed,
+            holdout_seed: self.holdout_seed.unwrap_or(self.seed),
             resume: self.resume,
             engine_options: self.runtime.options(8),
             device: self.device,

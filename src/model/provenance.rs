@@ -35,11 +35,21 @@ pub struct TrainingRecord {
     pub train_images: BTreeMap<String, usize>,
     pub validation_images: usize,
     pub seed: u64,
+    /// Seed of the validation hold-out when it differs from `seed` (`--holdout-seed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holdout_seed: Option<u64>,
     pub options: BTreeMap<String, String>,
     pub epochs: Vec<EpochRecord>,
     pub selected_epoch: usize,
     /// How the epoch was chosen, in words.
     pub selection: String,
+}
+
+impl TrainingRecord {
+    /// The seed that drew the validation hold-out.
+    pub fn holdout_seed(&self) -> u64 {
+        self.holdout_seed.unwrap_or(self.seed)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -131,7 +131,7 @@ fn sources(o: &TrainOptions, classes: &[ClassData]) -> Result<(Sources, Sources,
         files: Vec::new(),
         classes: Vec::new(),
     };
-    for (ci, (t, v)) in holdout_split(classes, o.seed, o.val_fraction)?
+    for (ci, (t, v)) in holdout_split(classes, o.holdout_seed, o.val_fraction)?
         .into_iter()
         .enumerate()
     {
@@ -147,7 +147,10 @@ fn sources(o: &TrainOptions, classes: &[ClassData]) -> Result<(Sources, Sources,
     for &s in &o.val_defect_strength {
         let strength = (s.clamp(0.0, 1.0) * 100.0).round() as u8;
         for k in 0..val_good {
-            let seed = o.seed.wrapping_mul(1_000_003).wrapping_add(k as u64);
+            let seed = o
+                .holdout_seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(k as u64);
             let painted = Source::WithDefect(
                 val.files[k].path().to_path_buf(),
                 seed,

@@ -94,6 +94,7 @@ pub(super) fn write_bundle(
                 train_images: data.per_class.clone(),
                 validation_images: data.val_good,
                 seed: o.seed,
+                holdout_seed: (o.holdout_seed != o.seed).then_some(o.holdout_seed),
                 options: recorded_options(o, state.noise_sigma),
                 epochs: state.history.clone(),
                 selected_epoch: state.best_epoch.unwrap_or(o.epochs),

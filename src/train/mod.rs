@@ -80,6 +80,8 @@ pub struct TrainOptions {
     /// Which recipe the settings came from (`default`, `paper`), for the record.
     pub recipe: String,
     pub seed: u64,
+    /// Seed of the validation hold-out and of its painted defects.
+    pub holdout_seed: u64,
     pub resume: bool,
     pub engine_options: EngineOptions,
     /// Where the training steps run. The embedding pass always runs on the engine in
