@@ -80,7 +80,24 @@ pub fn run(o: &AddClassOptions) -> Result<Added> {
             )));
         }
     }
-    let backbone = Backbone::load(kind, &o.backbone_weights)?;
+    let mut backbone = Backbone::load(kind, &o.backbone_weights)?;
+    if meta
+        .provenance
+        .notes
+        .get("bn_train_pass_replayed")
+        .map(String::as_str)
+        == Some("true")
+    {
+        // An imported model whose backbone went through the reference's train-mode
+        // pass: the new class must see the same backbone, and the rebuilt graph keep it.
+        crate::import::replay_train_mode_pass(
+            &mut backbone,
+            meta.input.height,
+            meta.input.width,
+            EngineKind::Onnxruntime,
+            &o.engine_options,
+        )?;
+    }
     let class = crate::dataset::open(&o.data, std::slice::from_ref(&o.class))?
         .pop()
         .ok_or_else(|| ToolError::Data(format!("class `{}`: not found", o.class)))?;

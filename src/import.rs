@@ -104,7 +104,8 @@ pub fn import_reference(opts: &ImportOptions) -> Result<Bundle> {
     );
     let mut backbone = Backbone::load(opts.backbone.kind, &opts.backbone.weights)?;
     tracing::info!("reading checkpoint {}", opts.checkpoint.display());
-    let head = CrasHead::from_state_dict(&StateDict::load(&opts.checkpoint)?)?;
+    let checkpoint = StateDict::load(&opts.checkpoint)?;
+    let head = CrasHead::from_state_dict(&checkpoint)?;
     tracing::info!("reading centers {}", opts.centers.display());
     let centers = Centers::load(&opts.centers)?;
     if centers.classes != opts.classes.len() {
@@ -162,7 +163,17 @@ pub fn import_reference(opts: &ImportOptions) -> Result<Bundle> {
         model_sha256: String::new(),
         head_sha256: String::new(),
     };
-    let bundle = Bundle::write(&opts.out, meta, &onnx, None)?;
+    // The head as `cras train` stores it (adaptor and scorer under their state-dict
+    // names, BatchNorms unfolded, and the centers), so `cras add-class` works on
+    // imported models too.
+    let head_tensors = checkpoint
+        .tensors
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("pre_projection.") || k.starts_with("discriminator."))
+        .collect();
+    let head_file = crate::train::head_file(head_tensors, &centers)
+        .map_err(PathError::on("serialise the head", &opts.out))?;
+    let bundle = Bundle::write(&opts.out, meta, &onnx, Some(&head_file))?;
     tracing::info!(
         "bundle written to {} (model id {})",
         opts.out.display(),

@@ -212,13 +212,16 @@ fn add_class_refuses_what_it_cannot_do_and_writes_nothing() {
     let mut w = std::fs::read(lite0_weights()).unwrap();
     w.push(0);
     std::fs::write(&other_weights, w).unwrap();
-    let imported = lite0_bundle(dir.path(), "imported");
+    // A bundle from before bundles carried a head: the same model, written without one.
+    let headless = dir.path().join("headless");
+    let b = cras::model::bundle::Bundle::read(&m2).unwrap();
+    cras::model::bundle::Bundle::write(&headless, b.meta.clone(), &b.onnx, None).unwrap();
     let wrong_bb = format!("efficientnet_lite0={}", other_weights.display());
     let m2s = m2.to_str().unwrap().to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--model", &m2s, "--class", "grain"], "already in"),
         (
-            vec!["--model", imported.to_str().unwrap(), "--class", "stripes"],
+            vec!["--model", headless.to_str().unwrap(), "--class", "stripes"],
             "no head.safetensors",
         ),
         (
@@ -249,4 +252,53 @@ fn add_class_refuses_what_it_cannot_do_and_writes_nothing() {
         assert!(err.contains(want), "{args:?}: {err}");
         assert!(!out.exists(), "{args:?} wrote {}", out.display());
     }
+}
+
+/// A model imported from the reference's checkpoint takes a class too: the import keeps
+/// its head, and the fixture's own images score exactly as before.
+#[test]
+fn imported_models_take_add_class_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synth_line(&data);
+    let imported = lite0_bundle(dir.path(), "imported");
+    let bigger = dir.path().join("imported+stripes");
+    let (code, _, err) = cras(&[
+        "add-class",
+        "--model",
+        imported.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--class",
+        "stripes",
+        "--out",
+        bigger.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "add-class on an imported model: {err}");
+    let new = cras::model::bundle::Bundle::read(&bigger).unwrap();
+    assert_eq!(new.meta.classes, ["alpha", "beta", "stripes"]);
+    assert!(new.meta.thresholds["stripes"].image < 1.0);
+
+    let set = fixtures().join("lite0-d384").join("images");
+    let theirs: Vec<String> = walk(&set)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(!theirs.is_empty());
+    let (a, amaps) = infer(&imported, &theirs, &dir.path().join("out-old"));
+    let (b, bmaps) = infer(&bigger, &theirs, &dir.path().join("out-new"));
+    let strip = |v: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+        // The imported bundle has no thresholds; compare what both report.
+        v.into_iter()
+            .map(|mut l| {
+                let o = l.as_object_mut().unwrap();
+                o.remove("threshold");
+                o.remove("verdict");
+                l
+            })
+            .collect()
+    };
+    assert_eq!(strip(a), strip(b), "the imported classes' scores changed");
+    assert!(amaps == bmaps, "the imported classes' maps changed");
 }

@@ -307,4 +307,42 @@ fn import_reference_cli_replays_the_quirk_by_default() {
         // Without the replay the scores would be off by 5e-4 .. 3.6e-3 (fixture README 6.4).
         assert!(d <= 1e-5, "{}: score differs by {d:e}", r["source"]);
     }
+
+    // add-class on this model replays the same pass: the rebuilt graph keeps the altered
+    // backbone, so the imported classes score exactly as before (without the replay they
+    // would move by the amounts above).
+    let gamma = dir.path().join("data/gamma/train/good");
+    std::fs::create_dir_all(&gamma).unwrap();
+    for (i, p) in paths.iter().enumerate() {
+        std::fs::copy(p, gamma.join(format!("{i}.png"))).unwrap();
+    }
+    let bigger = dir.path().join("wrn+gamma");
+    let (code, _, err) = cras(&[
+        "add-class",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--backbone",
+        &format!("wide_resnet50_2={}", bb_path.display()),
+        "--data",
+        dir.path().join("data").to_str().unwrap(),
+        "--class",
+        "gamma",
+        "--out",
+        bigger.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "add-class failed: {err}");
+    let mut args = vec!["infer", "--model", bigger.to_str().unwrap(), "--batch", "2"];
+    args.extend(paths.iter().map(String::as_str));
+    let (code, stdout, err) = cras(&args);
+    assert_eq!(code, 0, "infer failed: {err}");
+    let again: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (a, b) in lines.iter().zip(&again) {
+        if b["class"] != "gamma" {
+            assert_eq!(a["score"], b["score"], "{a} vs {b}");
+        }
+    }
+    assert!(again.iter().any(|l| l["class"] != "gamma"), "{again:?}");
 }

@@ -372,8 +372,8 @@ impl Bundle {
             return Err(BundleError::Invalid {
                 path: self.dir.join(YAML_FILE),
                 reason:
-                    "this bundle has no head.safetensors (bundles from `cras import-reference`, \
-                         and from `cras train` before it wrote one); retrain it with `cras train`"
+                    "this bundle has no head.safetensors (made by `cras train` or `cras import-reference` \
+                         before they wrote one); train or import it again"
                         .into(),
             });
         }
