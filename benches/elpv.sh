@@ -12,6 +12,8 @@
 # selected epoch and its validation AUROC, image AUROC per class and their mean, seconds
 # per epoch and peak memory; then the mean and range over the seeds, and inference
 # images/s of the first seed's model.
+# HOLDOUT_SEED=N keeps seed N's validation hold-out for every seed (`--holdout-seed N`), so
+# only the training's own randomness moves; its models are named h<N>s<seed>.
 # REUSE=1 keeps a seed's model and report from an earlier run instead of training again.
 # ADD_CLASS=1 also measures `cras add-class` with the first seed: train on mono alone and
 # add poly, train on poly alone and add mono, each against the joint model's figure.
@@ -22,6 +24,11 @@ SEEDS=${1:-"0 1 2"}
 BENCH_DIR=${BENCH_DIR:-target/bench-elpv}
 SPLIT=${ELPV_SPLIT:-../shared/benchmarks/elpv}
 TRAIN_ARGS=${TRAIN_ARGS:-}
+TAG=seed
+if [ -n "${HOLDOUT_SEED:-}" ]; then
+    TRAIN_ARGS="$TRAIN_ARGS --holdout-seed $HOLDOUT_SEED"
+    TAG="h${HOLDOUT_SEED}s"
+fi
 mkdir -p "$BENCH_DIR"
 if [ -z "${CRAS:-}" ]; then
     cargo build --release --quiet
@@ -79,28 +86,28 @@ evaluate() {
 }
 
 for seed in $SEEDS; do
-    if [ -n "${REUSE:-}" ] && [ -f "$BENCH_DIR/report-seed$seed/metrics.json" ]; then
-        echo "--- seed $seed: reusing $BENCH_DIR/seed$seed (REUSE is set)"
+    if [ -n "${REUSE:-}" ] && [ -f "$BENCH_DIR/report-$TAG$seed/metrics.json" ]; then
+        echo "--- seed $seed: reusing $BENCH_DIR/$TAG$seed (REUSE is set)"
         continue
     fi
-    rm -rf "$BENCH_DIR/seed$seed"
-    train "seed$seed" mono,poly "$seed"
-    evaluate "seed$seed"
+    rm -rf "${BENCH_DIR:?}/$TAG$seed"
+    train "$TAG$seed" mono,poly "$seed"
+    evaluate "$TAG$seed"
 done
 
 echo "--- summary (test figures; each model chose its epoch on validation only)"
-python3 - "$BENCH_DIR" $SEEDS <<'PY'
+python3 - "$BENCH_DIR" "$TAG" $SEEDS <<'PY'
 import json, re, sys
-root, seeds = sys.argv[1], sys.argv[2:]
+root, tag, seeds = sys.argv[1], sys.argv[2], sys.argv[3:]
 rows = []
 for s in seeds:
-    y = open(f"{root}/seed{s}/model.yaml").read()
+    y = open(f"{root}/{tag}{s}/model.yaml").read()
     sel = int(re.search(r"selected_epoch: (\d+)", y).group(1))
     vals = [float(x) for x in re.findall(r"validation_auroc: ([0-9.eE-]+)", y)]
     secs = [float(x) for x in re.findall(r"seconds: ([0-9.]+)", y)]
-    m = json.load(open(f"{root}/report-seed{s}/metrics.json"))
+    m = json.load(open(f"{root}/report-{tag}{s}/metrics.json"))
     per = {c["class"]: c["image_auroc"] for c in m["classes"]}
-    log = open(f"{root}/seed{s}.log").read()
+    log = open(f"{root}/{tag}{s}.log").read()
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log)
     peak = f"{int(rss.group(1)) / 1024:.0f}" if rss else "-"
     rows.append((s, sel, vals[sel - 1], per["mono"], per["poly"], m["mean"]["image_auroc"],
@@ -126,13 +133,13 @@ if [ -n "${ADD_CLASS:-}" ]; then
         evaluate "only-$base+$add"
     done
     echo "--- add-class against training with both classes (seed $first, test image AUROC)"
-    python3 - "$BENCH_DIR" "$first" <<'PY'
+    python3 - "$BENCH_DIR" "$TAG$first" <<'PY'
 import json, re, sys
-root, seed = sys.argv[1], sys.argv[2]
+root, joint_name = sys.argv[1], sys.argv[2]
 def per(name):
     m = json.load(open(f"{root}/report-{name}/metrics.json"))
     return {c["class"]: c["image_auroc"] for c in m["classes"]}
-joint = per(f"seed{seed}")
+joint = per(joint_name)
 print("| model | mono | poly | mean | add-class s |")
 print("|---|---|---|---|---|")
 print(f"| trained on both | {joint['mono']:.3f} | {joint['poly']:.3f} | {(joint['mono'] + joint['poly']) / 2:.3f} | - |")
@@ -145,7 +152,7 @@ PY
 fi
 
 echo "--- inference images/s (cras infer, batch 1 and 8, all test images)"
-MODEL="$BENCH_DIR/seed${SEEDS%% *}"
+MODEL="$BENCH_DIR/$TAG${SEEDS%% *}"
 mapfile -t IMAGES < <(find "$ROOT"/*/test -name '*.png' | sort)
 for b in 1 8; do
     start=$(date +%s.%N)
