@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub mod daemon;
+pub mod mqtt;
 pub mod view;
 
 /// The fixture folder: `$CRAS_FIXTURES`, else `../shared/fixtures` beside the checkout.
