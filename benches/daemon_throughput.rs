@@ -39,13 +39,20 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+#[path = "daemon_throughput/scrape.rs"]
+mod scrape;
+#[path = "daemon_throughput/threads.rs"]
+mod threads;
+
 use common::daemon::{free_port, rss_kib};
 use common::fixtures;
 use cras::daemon::prometheus::bucket_quantile;
 use cras::engine::{CrasOutputs, EngineKind, EngineOptions};
+use scrape::{metrics, stage_mean, sum_of, window};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use threads::{cpu_split, print_threads, thread_cpu};
 
 fn env_secs(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -103,40 +110,6 @@ fn engine_rate(model: &Path, n: usize, threads: Option<usize>) -> f64 {
         CrasOutputs::from_named(engine.run(&input, shape).unwrap()).unwrap();
     }
     (runs * n) as f64 / t0.elapsed().as_secs_f64()
-}
-
-fn metrics(port: u16) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = write!(s, "GET /metrics HTTP/1.0\r\n\r\n");
-    let mut t = String::new();
-    let _ = s.read_to_string(&mut t);
-    t
-}
-
-fn sum_of(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn stage_buckets(text: &str, stage: &str) -> Vec<(f64, f64)> {
-    let prefix = format!("cras_stage_latency_ms_bucket{{stage=\"{stage}\"");
-    text.lines()
-        .filter(|l| l.starts_with(&prefix))
-        .filter_map(|l| {
-            let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, l.rsplit(' ').next()?.parse().ok()?))
-        })
-        .collect()
 }
 
 struct Run {
@@ -217,63 +190,6 @@ fn start(dir: &Path, model: &Path, load: &Load) -> Run {
     run
 }
 
-/// CPU seconds so far of each thread of `pid`: (name, seconds).
-fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
-    let tick = 100.0; // USER_HZ on Linux
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .filter_map(|t| {
-            let t = t.ok()?.path();
-            let name = std::fs::read_to_string(t.join("comm")).ok()?;
-            let stat = std::fs::read_to_string(t.join("stat")).ok()?;
-            // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
-            let rest = stat.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-            Some((name.trim().to_string(), ticks / tick))
-        })
-        .collect()
-}
-
-/// GStreamer's streaming threads and GLib's workers: the sources.
-fn is_source(thread: &str) -> bool {
-    thread.contains(':') || thread.starts_with("pool-")
-}
-
-/// CPU seconds of the sources and of the daemon's own threads.
-fn cpu_split(pid: u32) -> (f64, f64) {
-    thread_cpu(pid)
-        .iter()
-        .fold((0.0, 0.0), |(s, d), (name, secs)| {
-            if is_source(name) {
-                (s + secs, d)
-            } else {
-                (s, d + secs)
-            }
-        })
-}
-
-/// Cores per thread name over the window (BENCH_THREADS=1), busiest first.
-fn print_threads(before: &[(String, f64)], after: &[(String, f64)], dt: f64) {
-    let mut by_name: std::collections::BTreeMap<&str, f64> = Default::default();
-    for (name, secs) in after {
-        *by_name.entry(name).or_default() += secs;
-    }
-    for (name, secs) in before {
-        *by_name.entry(name).or_default() -= secs;
-    }
-    let mut v: Vec<(&str, f64)> = by_name.into_iter().map(|(n, s)| (n, s / dt)).collect();
-    v.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let top: Vec<String> = v
-        .iter()
-        .take(8)
-        .map(|(n, c)| format!("{n} {c:.2}"))
-        .collect();
-    println!("  threads (cores): {}", top.join(", "));
-}
-
 struct Measured {
     judged: f64,
     dropped: f64,
@@ -288,23 +204,6 @@ struct Measured {
     prepare_ms: f64,
     /// Mean engine call as the daemon sees it, ms (per batch).
     engine_ms: f64,
-}
-
-/// The mean of a stage's latency over the window between two /metrics readings, ms.
-fn stage_mean(m0: &str, m1: &str, stage: &str) -> f64 {
-    let delta = |what: &str| {
-        let name = format!("cras_stage_latency_ms_{what}{{stage=\"{stage}\"}}");
-        sum_of(m1, &name) - sum_of(m0, &name)
-    };
-    delta("sum") / delta("count").max(1.0)
-}
-
-fn window(m0: &str, m1: &str, stage: &str) -> Vec<(f64, f64)> {
-    stage_buckets(m1, stage)
-        .iter()
-        .zip(stage_buckets(m0, stage).iter())
-        .map(|(a, b)| (a.0, a.1 - b.1))
-        .collect()
 }
 
 /// What the daemon did over `secs`.
