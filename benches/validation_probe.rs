@@ -45,9 +45,8 @@ fn write_design(bundle: &Bundle, data: &Path, kinds: DefectKinds, strength: f64,
     let classes = cras::dataset::open(data, &bundle.meta.classes).expect("the dataset");
     let split = cras::dataset::holdout_split(&classes, t.holdout_seed(), fraction).unwrap();
     let spec = &bundle.meta.input;
-    let percent = (strength.clamp(0.0, 1.0) * 100.0).round() as u8;
     // `cras train` seeds each painted copy by the image's index in the whole hold-out.
-    let mut k = 0u64;
+    let mut k = 0;
     for (class, (_, held)) in bundle.meta.classes.iter().zip(split) {
         let good = out.join(class).join("test/good");
         let defect = out.join(class).join("test/defect");
@@ -55,13 +54,12 @@ fn write_design(bundle: &Bundle, data: &Path, kinds: DefectKinds, strength: f64,
         std::fs::create_dir_all(&defect).unwrap();
         for p in held {
             let name = format!("{k:05}.png");
-            let seed = t.holdout_seed().wrapping_mul(1_000_003).wrapping_add(k);
             Source::File(p.clone())
                 .load(spec)
                 .unwrap()
                 .save(good.join(&name))
                 .unwrap();
-            Source::WithDefect(p, seed, percent, kinds)
+            Source::validation_positive(p, t.holdout_seed(), k, strength, kinds)
                 .load(spec)
                 .unwrap()
                 .save(defect.join(&name))

@@ -84,7 +84,7 @@ pub fn run(o: &AddClassOptions) -> Result<Added> {
     if meta
         .provenance
         .notes
-        .get("bn_train_pass_replayed")
+        .get(crate::import::BN_REPLAY_NOTE)
         .map(String::as_str)
         == Some("true")
     {

@@ -15,6 +15,10 @@ use crate::weights::StateDict;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The provenance note that records whether the reference's train-mode BatchNorm pass
+/// was replayed on the backbone (`"true"` / `"false"`); `add-class` replays it again.
+pub const BN_REPLAY_NOTE: &str = "bn_train_pass_replayed";
+
 pub struct ImportOptions {
     pub backbone: BackboneSpec,
     pub checkpoint: PathBuf,
@@ -138,10 +142,7 @@ pub fn import_reference(opts: &ImportOptions) -> Result<Bundle> {
     sources.insert("checkpoint".to_string(), source(&opts.checkpoint)?);
     sources.insert("centers".to_string(), source(&opts.centers)?);
     let mut notes = BTreeMap::new();
-    notes.insert(
-        "bn_train_pass_replayed".to_string(),
-        opts.replay_bn_quirk.to_string(),
-    );
+    notes.insert(BN_REPLAY_NOTE.to_string(), opts.replay_bn_quirk.to_string());
     notes.insert("pretrain_embed_dim".to_string(), model.pre_dim.to_string());
     let meta = BundleMeta {
         format_version: FORMAT_VERSION,

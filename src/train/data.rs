@@ -145,16 +145,12 @@ fn sources(o: &TrainOptions, classes: &[ClassData]) -> Result<(Sources, Sources,
     // pooled AUROC is the mean of the per-strength AUROCs, since every strength has as
     // many positives as there are good images.
     for &s in &o.val_defect_strength {
-        let strength = (s.clamp(0.0, 1.0) * 100.0).round() as u8;
         for k in 0..val_good {
-            let seed = o
-                .holdout_seed
-                .wrapping_mul(1_000_003)
-                .wrapping_add(k as u64);
-            let painted = Source::WithDefect(
+            let painted = Source::validation_positive(
                 val.files[k].path().to_path_buf(),
-                seed,
-                strength,
+                o.holdout_seed,
+                k,
+                s,
                 o.val_defects,
             );
             val.files.push(painted);

@@ -21,6 +21,21 @@ pub enum Source {
 }
 
 impl Source {
+    /// The `k`-th validation positive of a hold-out drawn with `holdout_seed`: the image
+    /// with a defect painted on, seeded as `cras train` seeds it (the same defect at every
+    /// strength).
+    pub fn validation_positive(
+        path: PathBuf,
+        holdout_seed: u64,
+        k: usize,
+        strength: f64,
+        kinds: crate::synth::DefectKinds,
+    ) -> Source {
+        let seed = holdout_seed.wrapping_mul(1_000_003).wrapping_add(k as u64);
+        let percent = (strength.clamp(0.0, 1.0) * 100.0).round() as u8;
+        Source::WithDefect(path, seed, percent, kinds)
+    }
+
     pub fn path(&self) -> &Path {
         match self {
             Source::File(p) | Source::WithDefect(p, _, _, _) => p,
