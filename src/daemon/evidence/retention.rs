@@ -88,8 +88,12 @@ impl Index {
 }
 
 /// Deletes one set, then its camera and day folders if they are left empty.
+///
+/// The files go in the reverse of the order they were written, so the JSON, which marks
+/// a set complete, goes first: a kill part-way leaves files without their JSON, which the
+/// start-up sweep removes, never a JSON whose images are gone.
 fn remove_set(dir: &PathBuf, sequence: u64) {
-    for kind in KINDS {
+    for kind in KINDS.into_iter().rev() {
         let _ = std::fs::remove_file(dir.join(format!("{sequence}{}", kind.suffix())));
     }
     // remove_dir fails on a folder that is not empty, which is what we want.
