@@ -98,21 +98,35 @@ fn heat_marks_the_defect_on_the_stream_and_in_the_evidence() {
     );
     let sources: Vec<RgbImage> = line.iter().map(|(f, _)| f.clone()).collect();
     let (mut hits, mut clean_greens, mut seen) = (0, 0, Vec::new());
-    for e in std::fs::read_dir(&grabbed).unwrap().flatten() {
-        let shown = image::open(e.path()).unwrap().to_rgb8();
+    let mut decoded: Vec<_> = std::fs::read_dir(&grabbed)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    decoded.sort();
+    // The line's frames each decoded frame may be (a defective part and its good
+    // original differ only at the defect), in decoding order.
+    let mut candidates = Vec::new();
+    for path in &decoded {
+        let shown = image::open(path).unwrap().to_rgb8();
         assert_eq!(shown.dimensions(), (128, 128));
         let (i, dist) = source_of(&shown, &sources, BAND);
         assert!(dist < 12.0, "a decoded frame matches no source ({dist:.1})");
-        let verdict = verdict_of(banner(&e.path()));
+        let verdict = verdict_of(banner(path));
         // A defective part and the good one it was made from differ only at the
         // defect: either may be the frame shown, so heat is measured against each
         // source about as close as the best, and the least counts.
-        let heat = distances(&shown, &sources, BAND)
+        let near: Vec<usize> = distances(&shown, &sources, BAND)
             .iter()
             .enumerate()
             .filter(|(_, d)| **d <= dist + 3.0)
-            .map(|(j, _)| heat_share(&shown, &sources[j], BAND))
+            .map(|(j, _)| j)
+            .collect();
+        let heat = near
+            .iter()
+            .map(|&j| heat_share(&shown, &sources[j], BAND))
             .fold(f64::MAX, f64::min);
+        candidates.push(near);
         match (verdict, &line[i].1) {
             (Some(true), Some(mask)) => {
                 let shift = warm_shift(&shown, &sources[i], mask, BAND);
@@ -131,6 +145,21 @@ fn heat_marks_the_defect_on_the_stream_and_in_the_evidence() {
         }
     }
     assert!(hits >= 3 && clean_greens >= 3, "{}", seen.join("\n"));
+    // The first viewer sees the line as it runs, frame after frame. (The stream once
+    // declared 1 fps until its first viewer left: the encoder's latency, counted in
+    // frames of that rate, held each frame 2 s while only two could queue, and this
+    // viewer got bursts of 3 frames every 2 s.)
+    let n = sources.len();
+    let in_order = candidates
+        .windows(2)
+        .filter(|w| w[0].iter().any(|a| w[1].contains(&((a + 1) % n))))
+        .count();
+    assert!(
+        in_order * 10 >= (candidates.len() - 1) * 9,
+        "{in_order} of {} consecutive decoded frames are consecutive on the line:\n{}",
+        candidates.len() - 1,
+        seen.join("\n")
+    );
 
     // The evidence: the same picture as the stream, kept, for each alarm.
     let root = demo.join("evidence");

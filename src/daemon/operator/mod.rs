@@ -120,7 +120,8 @@ pub struct Scene {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ViewedCamera {
     pub id: String,
-    /// Nominal frames per second (for the key-frame interval).
+    /// Nominal frames per second (`max_fps`): the stream's declared rate and its
+    /// key-frame interval.
     pub fps: f64,
     /// Mounted (`cameras[].rtsp`); a camera that is not is never watched.
     pub shown: bool,
@@ -264,7 +265,7 @@ fn draw_loop(
         for p in picture.pixels() {
             rgbx.extend_from_slice(&[p.0[0], p.0[1], p.0[2], 255]);
         }
-        if mount.push(rgbx, w, h, &text, fps.max(1.0)) {
+        if mount.push(rgbx, w, h, &text) {
             telemetry.overlay_frames.fetch_add(1, Ordering::Relaxed);
         }
     }

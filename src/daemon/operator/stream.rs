@@ -35,6 +35,12 @@ pub struct Mount {
     /// The stream's size (`rtsp.width`, `rtsp.height`; 0: the camera's), for the
     /// banner's font.
     out_size: (u32, u32),
+    /// The frame rate the stream declares: the camera's `max_fps`, which judged frames
+    /// never exceed. The encoder's latency is counted in frames of this rate, and the
+    /// stream's sink holds each frame for that latency; a rate below the real one
+    /// (the smoothed rate starts at 0) made a 2 s latency that two queued frames could
+    /// not cover, and the first viewer saw bursts of 3 frames every 2 s.
+    fps: f64,
 }
 
 impl Mount {
@@ -45,7 +51,7 @@ impl Mount {
 
     /// Hands an RGBx frame (`width` x `height`) and its banner text to the stream; false
     /// when nobody watches (nothing is done).
-    pub fn push(&self, rgbx: Vec<u8>, width: u32, height: u32, text: &str, fps: f64) -> bool {
+    pub fn push(&self, rgbx: Vec<u8>, width: u32, height: u32, text: &str) -> bool {
         let Ok(mut live) = self.live.lock() else {
             return false;
         };
@@ -53,7 +59,7 @@ impl Mount {
             return false;
         };
         if live.size != Some((width, height)) {
-            let rate = gst::Fraction::approximate_f64(fps.clamp(1.0, 120.0))
+            let rate = gst::Fraction::approximate_f64(self.fps.clamp(1.0, 120.0))
                 .unwrap_or(gst::Fraction::new(30, 1));
             let caps = gst::Caps::builder("video/x-raw")
                 .field("format", "RGBx")
@@ -196,6 +202,7 @@ impl Server {
                 id: camera.id.clone(),
                 live: Mutex::new(None),
                 out_size: (cfg.width, cfg.height),
+                fps: camera.fps,
             });
             if camera.shown {
                 let gop = (cfg.keyframe_interval_s * camera.fps).ceil().max(1.0) as u32;
