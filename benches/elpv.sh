@@ -15,6 +15,11 @@
 # HOLDOUT_SEED=N keeps seed N's validation hold-out for every seed (`--holdout-seed N`), so
 # only the training's own randomness moves; its models are named h<N>s<seed>.
 # REUSE=1 keeps a seed's model and report from an earlier run instead of training again.
+# VAL_SLICE=N takes every Nth defective test image of each class (sorted by name, the
+# first of each N) out of the test split into $BENCH_DIR/val-defects-N/<class>/ and trains
+# with `--val-defect-images` on them: validation on real defects, test on the rest. Its
+# models are named v<N><tag>; compare them with default models evaluated on the same rest
+# (EVAL_ONLY=MODEL... evaluates existing bundles there).
 # ADD_CLASS=1 also measures `cras add-class` with the first seed: train on mono alone and
 # add poly, train on poly alone and add mono, each against the joint model's figure.
 # About 20 minutes per seed and 10 per add-class case on 2 cores.
@@ -51,6 +56,12 @@ DATA=$(realpath "$BENCH_DIR/elpv/data")
 
 echo "--- MVTec layout from the split lists"
 ROOT="$BENCH_DIR/mvtec"
+if [ -n "${VAL_SLICE:-}" ]; then
+    ROOT="$BENCH_DIR/mvtec-v$VAL_SLICE"
+    VAL_DIR="$BENCH_DIR/val-defects-$VAL_SLICE"
+    TAG="v$VAL_SLICE$TAG"
+    TRAIN_ARGS="$TRAIN_ARGS --val-defect-images $VAL_DIR"
+fi
 rm -rf "$ROOT"
 for cls in mono poly; do
     for part in train_good:train/good test_good:test/good test_defect:test/defect; do
@@ -62,6 +73,15 @@ for cls in mono poly; do
         done < "$list"
     done
 done
+if [ -n "${VAL_SLICE:-}" ]; then
+    rm -rf "$VAL_DIR"
+    for cls in mono poly; do
+        mkdir -p "$VAL_DIR/$cls"
+        find "$ROOT/$cls/test/defect" -name '*.png' | sort | awk -v n="$VAL_SLICE" 'NR % n == 1' |
+            while read -r f; do mv "$f" "$VAL_DIR/$cls/"; done
+        echo "$cls: $(ls "$VAL_DIR/$cls" | wc -l) defect images moved to validation ($VAL_DIR)"
+    done
+fi
 for cls in mono poly; do
     echo "$cls: train $(ls "$ROOT/$cls/train/good" | wc -l), test good $(ls "$ROOT/$cls/test/good" | wc -l), test defect $(ls "$ROOT/$cls/test/defect" | wc -l)"
 done
@@ -84,6 +104,14 @@ train() {
 evaluate() {
     "$CRAS" eval --model "$BENCH_DIR/$1" --data "$ROOT" --report "$BENCH_DIR/report-$1" | tail -n 4
 }
+
+if [ -n "${EVAL_ONLY:-}" ]; then
+    for m in $EVAL_ONLY; do
+        echo "--- $m on $ROOT"
+        "$CRAS" eval --model "$BENCH_DIR/$m" --data "$ROOT" --report "$BENCH_DIR/report-$m-on-$(basename "$ROOT")" | tail -n 4
+    done
+    exit 0
+fi
 
 for seed in $SEEDS; do
     if [ -n "${REUSE:-}" ] && [ -f "$BENCH_DIR/report-$TAG$seed/metrics.json" ]; then

@@ -12,7 +12,9 @@
 //! `-- target/bench-elpv/mvtec target/bench-elpv/h0s0 target/bench-elpv/h0s1
 //! target/bench-elpv/h0s2`. The models must share one hold-out (`--holdout-seed`).
 //! PROBE_KINDS (default `crack;scratch;spot;missing`, sets separated by `;`) and
-//! PROBE_STRENGTHS (default `0.05,0.1,0.2`) choose the designs. Images are painted as
+//! PROBE_STRENGTHS (default `0.05,0.1,0.2`) choose the designs; PROBE_POSITIVES=DIR adds
+//! one with real defective images, every file in `DIR/<class>/` (PROBE_KINDS= leaves
+//! the painted ones out). Images are painted as
 //! `cras train` paints them (same seeds), at the models' input size, into a temporary
 //! folder.
 
@@ -32,9 +34,17 @@ fn image_auroc(metrics: &Path) -> Option<f64> {
     m["mean"]["image_auroc"].as_f64()
 }
 
-/// Writes the hold-out (good) and one painted copy of each (defect) for `kinds` at
-/// `strength`, in MVTec layout under `out`.
-fn write_design(bundle: &Bundle, data: &Path, kinds: DefectKinds, strength: f64, out: &Path) {
+/// What a design takes as its defective images.
+enum Positives<'a> {
+    /// One painted copy of each hold-out image: these kinds at this strength.
+    Painted(DefectKinds, f64),
+    /// Real images: every file in `<dir>/<class>/`.
+    Real(&'a Path),
+}
+
+/// Writes the hold-out (good) and the design's positives (defect), in MVTec layout under
+/// `out`.
+fn write_design(bundle: &Bundle, data: &Path, positives: &Positives, out: &Path) {
     let t = bundle
         .meta
         .provenance
@@ -59,12 +69,26 @@ fn write_design(bundle: &Bundle, data: &Path, kinds: DefectKinds, strength: f64,
                 .unwrap()
                 .save(good.join(&name))
                 .unwrap();
-            Source::validation_positive(p, t.holdout_seed(), k, strength, kinds)
-                .load(spec)
-                .unwrap()
-                .save(defect.join(&name))
-                .unwrap();
+            if let Positives::Painted(kinds, strength) = *positives {
+                Source::validation_positive(p, t.holdout_seed(), k, strength, kinds)
+                    .load(spec)
+                    .unwrap()
+                    .save(defect.join(&name))
+                    .unwrap();
+            }
             k += 1;
+        }
+        if let Positives::Real(dir) = positives {
+            for f in std::fs::read_dir(dir.join(class)).expect("<dir>/<class>/") {
+                // Prepared as the hold-out is, so that both go through the same steps.
+                let f = f.unwrap().path();
+                let name = Path::new(f.file_name().unwrap()).with_extension("png");
+                Source::File(f)
+                    .load(spec)
+                    .unwrap()
+                    .save(defect.join(name))
+                    .unwrap();
+            }
         }
     }
 }
@@ -144,19 +168,33 @@ fn main() {
             .join(" | ")
     };
     println!("| test (the models' reports) | {} | - |", fmt(&test));
-    for set in kinds.split(';') {
+    let real = std::env::var_os("PROBE_POSITIVES").map(PathBuf::from);
+    let mut designs = Vec::new();
+    if let Some(dir) = &real {
+        let label = format!("real: {}", dir.display());
+        designs.push((label, "real".to_string(), Positives::Real(dir)));
+    }
+    for set in kinds.split(';').filter(|s| !s.is_empty()) {
         let k = DefectKinds::parse(set).unwrap();
         for s in strengths.split(',') {
             let strength: f64 = s.trim().parse().unwrap();
-            let design = tmp.path().join(format!("{}-{s}", set.replace(',', "+")));
-            write_design(&bundles[0], &data, k, strength, &design);
-            let val: Vec<f64> = models
-                .iter()
-                .zip(&names)
-                .map(|(m, n)| eval(m, &design, &design.with_extension(format!("{n}.report"))))
-                .collect();
-            let (same, pairs) = agreement(&val, &test);
-            println!("| {set} at {s} | {} | {same} of {pairs} |", fmt(&val));
+            let dir = format!("{}-{s}", set.replace(',', "+"));
+            designs.push((
+                format!("{set} at {s}"),
+                dir,
+                Positives::Painted(k, strength),
+            ));
         }
+    }
+    for (label, dir, positives) in designs {
+        let design = tmp.path().join(dir);
+        write_design(&bundles[0], &data, &positives, &design);
+        let val: Vec<f64> = models
+            .iter()
+            .zip(&names)
+            .map(|(m, n)| eval(m, &design, &design.with_extension(format!("{n}.report"))))
+            .collect();
+        let (same, pairs) = agreement(&val, &test);
+        println!("| {label} | {} | {same} of {pairs} |", fmt(&val));
     }
 }

@@ -21,6 +21,16 @@ pub enum DatasetError {
     Mask { path: PathBuf, reason: String },
     #[error("class `{class}` has {images} training images; at least 2 are needed")]
     TooFewImages { class: String, images: usize },
+    #[error(
+        "{path}: `{folder}` is not a class of this model ({classes}); defect images go in <dir>/<class>/"
+    )]
+    UnknownDefectClass {
+        path: PathBuf,
+        folder: String,
+        classes: String,
+    },
+    #[error("{0} holds no defect images: put them in <dir>/<class>/ (png, jpg, bmp, tiff)")]
+    NoDefectImages(PathBuf),
 }
 
 type Result<T> = std::result::Result<T, DatasetError>;
@@ -201,6 +211,36 @@ pub fn holdout_split(
         };
         let train = imgs.split_off(n_val);
         out.push((train, imgs));
+    }
+    Ok(out)
+}
+
+/// Real defective images per class from `dir/<class>/` (validation positives): one list
+/// per class of `classes`, empty for a class without a folder. A folder that names no
+/// class is refused (a typo would otherwise drop its images silently), and so is a
+/// `dir` with no image at all.
+pub fn defect_images(dir: &Path, classes: &[String]) -> Result<Vec<Vec<PathBuf>>> {
+    let mut out = vec![Vec::new(); classes.len()];
+    for entry in std::fs::read_dir(dir).map_err(PathError::on("read", dir))? {
+        let path = entry.map_err(PathError::on("read", dir))?.path();
+        if !path.is_dir() {
+            continue;
+        }
+        let folder = path
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Some(ci) = classes.iter().position(|c| *c == folder) else {
+            return Err(DatasetError::UnknownDefectClass {
+                path,
+                folder,
+                classes: classes.join(", "),
+            });
+        };
+        out[ci] = images_in(&path)?;
+    }
+    if out.iter().all(Vec::is_empty) {
+        return Err(DatasetError::NoDefectImages(dir.to_path_buf()));
     }
     Ok(out)
 }

@@ -43,7 +43,7 @@ enum Command {
     /// Run a model bundle on image files: one JSON line per image on stdout.
     Infer(infer::InferArgs),
     /// Train a multi-class model on good images (MVTec layout) and write a bundle.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Write a synthetic, seeded dataset in MVTec layout (textures with defects and masks).
     Synth(synth::SynthArgs),
     /// Evaluate a bundle on a dataset's test split: metrics per class and an HTML report.

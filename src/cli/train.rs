@@ -83,6 +83,13 @@ pub struct TrainArgs {
     /// defects: the epoch is chosen on them [default: crack; --paper: all four]
     #[arg(long)]
     pub val_defects: Option<String>,
+    /// Real defective images as the validation positives, in DIR/<class>/ (classes
+    /// without a folder simply have none), instead of painted defects: the epoch is
+    /// chosen on how well the model tells them from the held-out good images. A few
+    /// dozen images of the line's own defects see differences between models that
+    /// painted ones do not (docs/decisions.md). They are never trained on.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["val_defects", "val_defect_strength"])]
+    pub val_defect_images: Option<PathBuf>,
     /// Random seed (split, initialisation, noise, shuffling).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -148,6 +155,7 @@ impl TrainArgs {
             val_fraction: self.val_fraction,
             val_defect_strength: recipe.val_defect_strength,
             val_defects: recipe.val_defects,
+            val_defect_images: self.val_defect_images.clone(),
             recipe: if self.paper { "paper" } else { "default" }.into(),
             seed: self.seed,
             holdout_seed: self.holdout_seed.unwrap_or(self.seed),

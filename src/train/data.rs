@@ -1,6 +1,7 @@
 //! The images of one training run: the seeded hold-out of good images
-//! ([`crate::dataset::holdout_split`]), the validation positives (the held-out images
-//! again, each with a seeded synthetic defect painted on), and their patch embeddings,
+//! ([`crate::dataset::holdout_split`]), the validation positives (the user's real defect
+//! images, or else the held-out images again, each with a seeded synthetic defect painted
+//! on), and their patch embeddings,
 //! computed once by the embedding graph and cached in the work folder.
 
 use super::TrainError;
@@ -68,13 +69,23 @@ pub(super) fn prepare(
     patches: usize,
 ) -> Result<TrainingData> {
     let (train, val, val_good) = sources(o, classes)?;
+    let positives = match &o.val_defect_images {
+        Some(dir) => format!(
+            "+{} real defect images from {}",
+            val.files.len() - val_good,
+            dir.display()
+        ),
+        None => format!(
+            "+{} with synthetic defects at {} strengths",
+            val.files.len() - val_good,
+            o.val_defect_strength.len()
+        ),
+    };
     tracing::info!(
-        "{} classes; {} training and {} validation images (+{} with synthetic defects at {} strengths); {} patches x {} dims per image",
+        "{} classes; {} training and {} validation images ({positives}); {} patches x {} dims per image",
         classes.len(),
         train.files.len(),
         val_good,
-        val.files.len() - val_good,
-        o.val_defect_strength.len(),
         patches,
         o.embed_dim
     );
@@ -120,8 +131,9 @@ pub(super) fn prepare(
     })
 }
 
-/// Training and validation sources; validation is the good hold-out followed by the same
-/// images with a seeded synthetic defect each. Returns the hold-out's size too.
+/// Training and validation sources; validation is the good hold-out followed by its
+/// positives: the real defect images when given, else the same images with a seeded
+/// synthetic defect each. Returns the hold-out's size too.
 fn sources(o: &TrainOptions, classes: &[ClassData]) -> Result<(Sources, Sources, usize)> {
     let mut train = Sources {
         files: Vec::new(),
@@ -141,6 +153,17 @@ fn sources(o: &TrainOptions, classes: &[ClassData]) -> Result<(Sources, Sources,
         val.classes.resize(val.files.len(), ci);
     }
     let val_good = val.files.len();
+    if let Some(dir) = &o.val_defect_images {
+        let names: Vec<String> = classes.iter().map(|c| c.name.clone()).collect();
+        for (ci, files) in crate::dataset::defect_images(dir, &names)?
+            .into_iter()
+            .enumerate()
+        {
+            val.files.extend(files.into_iter().map(Source::File));
+            val.classes.resize(val.files.len(), ci);
+        }
+        return Ok((train, val, val_good));
+    }
     // One painted copy per strength, with the same defect (same seed) at each: the
     // pooled AUROC is the mean of the per-strength AUROCs, since every strength has as
     // many positives as there are good images.

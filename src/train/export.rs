@@ -50,8 +50,16 @@ pub(super) fn write_bundle(
     };
     let onnx = model.to_onnx(GraphOptions::default())?;
     let state = &progress.state;
-    let selection = match state.best_auroc {
-        Some(a) => format!(
+    let selection = match (state.best_auroc, &o.val_defect_images) {
+        (Some(a), Some(dir)) => format!(
+            "epoch {} of {}: best image AUROC ({a:.4}) on {} held-out good images vs {} real defect images from {}",
+            state.best_epoch.unwrap_or(0),
+            o.epochs,
+            data.val_good,
+            data.val_labels.iter().filter(|&&l| l).count(),
+            dir.display()
+        ),
+        (Some(a), None) => format!(
             "epoch {} of {}: best image AUROC ({a:.4}) on {} held-out good images vs the same images with synthetic defects ({} at strengths {:?})",
             state.best_epoch.unwrap_or(0),
             o.epochs,
@@ -59,7 +67,7 @@ pub(super) fn write_bundle(
             o.val_defects.names(),
             o.val_defect_strength
         ),
-        None => format!("the last epoch ({}): no validation images", o.epochs),
+        (None, _) => format!("the last epoch ({}): no validation images", o.epochs),
     };
     tracing::info!("selected {selection}");
     let mut sources = BTreeMap::new();
@@ -168,6 +176,12 @@ fn recorded_options(o: &TrainOptions, sigma: Option<f64>) -> BTreeMap<String, St
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
+    .filter(|(k, _)| o.val_defect_images.is_none() || !k.starts_with("val_defect"))
+    .chain(
+        o.val_defect_images
+            .iter()
+            .map(|d| ("val_defect_images".to_string(), d.display().to_string())),
+    )
     .collect()
 }
 

@@ -77,6 +77,9 @@ pub struct TrainOptions {
     pub val_defect_strength: Vec<f64>,
     /// The kinds of synthetic defect validation positives are drawn from.
     pub val_defects: crate::synth::DefectKinds,
+    /// Real defective images (`<dir>/<class>/*`) as the validation positives instead of
+    /// painted ones.
+    pub val_defect_images: Option<PathBuf>,
     /// Which recipe the settings came from (`default`, `paper`), for the record.
     pub recipe: String,
     pub seed: u64,
@@ -116,6 +119,13 @@ impl TrainOptions {
                 "--val-defect-strength {:?}: give strengths in (0, 1]",
                 self.val_defect_strength
             ));
+        }
+        if self.val_defect_images.is_some() && self.val_fraction <= 0.0 {
+            return bad(
+                "--val-defect-images needs held-out good images to tell them from: \
+                 --val-fraction must be above 0"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -1,0 +1,203 @@
+//! `cras train --val-defect-images DIR`: real defective images, not painted ones, are
+//! the validation positives that choose the epoch. The recorded validation figure is
+//! the image AUROC of the exported model on exactly the held-out good images against
+//! those defect images, and folders or flags that cannot be meant are refused before
+//! any work.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+
+fn lite0_arg() -> String {
+    format!("efficientnet_lite0={}", lite0_weights().display())
+}
+
+/// Every defective test image of `class`, copied flat into `dest/<class>/`.
+fn copy_defects(data: &Path, class: &str, dest: &Path) -> Vec<PathBuf> {
+    let to = dest.join(class);
+    std::fs::create_dir_all(&to).unwrap();
+    let mut copied = Vec::new();
+    for kind in std::fs::read_dir(data.join(class).join("test"))
+        .unwrap()
+        .flatten()
+    {
+        if kind.file_name() == "good" {
+            continue;
+        }
+        for f in std::fs::read_dir(kind.path()).unwrap().flatten() {
+            let name = format!(
+                "{}-{}",
+                kind.file_name().to_string_lossy(),
+                f.file_name().to_string_lossy()
+            );
+            std::fs::copy(f.path(), to.join(&name)).unwrap();
+            copied.push(to.join(name));
+        }
+    }
+    copied.sort();
+    copied
+}
+
+fn train(data: &Path, dir: &Path, name: &str, extra: &[&str]) -> (i32, String) {
+    let bb = lite0_arg();
+    let (out, work) = (dir.join(name), dir.join(format!("{name}.work")));
+    let mut args = vec![
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--backbone",
+        &bb,
+        "--out",
+        out.to_str().unwrap(),
+        "--work",
+        work.to_str().unwrap(),
+        "--image-size",
+        "128",
+        "--embed-dim",
+        "128",
+        "--epochs",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let (code, _, err) = cras(&args);
+    (code, err)
+}
+
+/// Image scores of `images` under the bundle in `model`, as `cras infer` gives them.
+fn scores(model: &Path, images: &[PathBuf]) -> Vec<f32> {
+    let mut args = vec![
+        "infer".to_string(),
+        "--model".into(),
+        model.to_str().unwrap().into(),
+    ];
+    args.extend(images.iter().map(|p| p.to_str().unwrap().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = cras(&args);
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["score"].as_f64().unwrap() as f32
+        })
+        .collect()
+}
+
+#[test]
+fn real_defect_images_are_the_validation_positives() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let data = dir.join("data");
+    synth_line(&data);
+    let classes = cras::dataset::discover_classes(&data).unwrap();
+    // Two of the three classes have defect images; the third simply has none.
+    let defects = dir.join("defects");
+    let mut positives = Vec::new();
+    for class in &classes[..2] {
+        positives.extend(copy_defects(&data, class, &defects));
+    }
+    let (code, err) = train(
+        &data,
+        dir,
+        "m",
+        &["--val-defect-images", defects.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!("+{} real defect images from", positives.len())),
+        "{err}"
+    );
+    let meta = cras::model::bundle::Bundle::read(&dir.join("m"))
+        .unwrap()
+        .meta;
+    let t = meta.provenance.training.unwrap();
+    assert_eq!(
+        t.options["val_defect_images"],
+        defects.display().to_string()
+    );
+    assert!(
+        !t.options.contains_key("val_defects"),
+        "painted-defect settings recorded for a run that painted none: {:?}",
+        t.options
+    );
+    // The recorded figure of the selected epoch is the exported model's AUROC on the
+    // hold-out's good images against the real defect images.
+    let best = t
+        .epochs
+        .iter()
+        .filter_map(|e| e.validation_auroc)
+        .fold(f64::MIN, f64::max);
+    let opened = cras::dataset::open(&data, &classes).unwrap();
+    let held: Vec<PathBuf> = cras::dataset::holdout_split(&opened, 0, 0.1)
+        .unwrap()
+        .into_iter()
+        .flat_map(|(_, v)| v)
+        .collect();
+    let mut images = held.clone();
+    images.extend(positives.iter().cloned());
+    let labels: Vec<bool> = (0..images.len()).map(|i| i >= held.len()).collect();
+    let auroc = cras::metrics::roc_auc(&scores(&dir.join("m"), &images), &labels).unwrap();
+    // The graph and the training loop compute the head apart: one pair may swap.
+    let pair = 1.0 / (held.len() * positives.len()) as f64;
+    assert!(
+        (auroc - best).abs() <= pair + 1e-9,
+        "recorded validation AUROC {best}, the model's on those images {auroc}"
+    );
+}
+
+#[test]
+fn defect_folders_and_flags_that_cannot_be_meant_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let data = dir.join("data");
+    synth_line(&data);
+    let classes = cras::dataset::discover_classes(&data).unwrap();
+    // A folder that names no class (a typo would drop its images silently).
+    let typo = dir.join("typo");
+    copy_defects(&data, &classes[0], &typo);
+    std::fs::rename(typo.join(&classes[0]), typo.join("scews")).unwrap();
+    let (code, err) = train(
+        &data,
+        dir,
+        "a",
+        &["--val-defect-images", typo.to_str().unwrap()],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("`scews` is not a class of this model"),
+        "{err}"
+    );
+    assert!(!dir.join("a.work").join("train.features").exists());
+    // No image at all.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(empty.join(&classes[0])).unwrap();
+    let (code, err) = train(
+        &data,
+        dir,
+        "b",
+        &["--val-defect-images", empty.to_str().unwrap()],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("holds no defect images"), "{err}");
+    // Nothing held out to tell them from.
+    let real = dir.join("real");
+    copy_defects(&data, &classes[0], &real);
+    let real = real.to_str().unwrap();
+    let (code, err) = train(
+        &data,
+        dir,
+        "c",
+        &["--val-defect-images", real, "--val-fraction", "0"],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("--val-fraction must be above 0"), "{err}");
+    // Painted-defect settings beside real images.
+    let (code, err) = train(
+        &data,
+        dir,
+        "d",
+        &["--val-defect-images", real, "--val-defects", "crack"],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
