@@ -201,3 +201,65 @@ fn defect_folders_and_flags_that_cannot_be_meant_are_refused() {
     assert_ne!(code, 0);
     assert!(err.contains("cannot be used with"), "{err}");
 }
+
+#[test]
+fn restarts_keep_the_best_run_and_it_is_that_seeds_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let data = dir.join("data");
+    synth_line(&data);
+    let classes = cras::dataset::discover_classes(&data).unwrap();
+    let defects = dir.join("defects");
+    for class in &classes {
+        copy_defects(&data, class, &defects);
+    }
+    let defects = defects.to_str().unwrap();
+    let (code, err) = train(
+        &data,
+        dir,
+        "best",
+        &["--val-defect-images", defects, "--restarts", "3"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let best = cras::model::bundle::Bundle::read(&dir.join("best"))
+        .unwrap()
+        .meta;
+    let t = best.provenance.training.clone().unwrap();
+    let seeds: Vec<u64> = t.restarts.iter().map(|r| r.seed).collect();
+    assert_eq!(seeds, [0, 1, 2]);
+    // The kept run is the first with the highest validation figure.
+    let top = t
+        .restarts
+        .iter()
+        .map(|r| r.validation_auroc.unwrap())
+        .fold(f64::MIN, f64::max);
+    let kept = t
+        .restarts
+        .iter()
+        .find(|r| r.validation_auroc == Some(top))
+        .unwrap();
+    assert_eq!(t.seed, kept.seed, "{:?}", t.restarts);
+    assert_eq!(t.holdout_seed(), 0);
+    assert_eq!(t.selected_epoch, kept.selected_epoch);
+    assert!(err.contains(&format!("kept seed {}", kept.seed)), "{err}");
+    // It is exactly the model a single run with that seed on the same hold-out trains.
+    let seed = kept.seed.to_string();
+    let (code, err) = train(
+        &data,
+        dir,
+        "single",
+        &[
+            "--val-defect-images",
+            defects,
+            "--seed",
+            &seed,
+            "--holdout-seed",
+            "0",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let single = cras::model::bundle::Bundle::read(&dir.join("single"))
+        .unwrap()
+        .meta;
+    assert_eq!(best.onnx_sha256, single.onnx_sha256);
+}

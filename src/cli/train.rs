@@ -98,6 +98,13 @@ pub struct TrainArgs {
     /// the same validation set: what moves is the training's own randomness.
     #[arg(long)]
     pub holdout_seed: Option<u64>,
+    /// Train this many runs, from seeds --seed, --seed + 1, ..., over the same embeddings
+    /// and hold-out (--holdout-seed defaults to --seed), and keep the one whose selected
+    /// epoch does best on validation. Seeds move a result more than most settings; this
+    /// picks among them on validation, so give --val-defect-images: painted defects did
+    /// not rank runs as a real test did (docs/decisions.md). Costs one training per run.
+    #[arg(long, default_value_t = 1)]
+    pub restarts: usize,
     /// Continue an interrupted run from the checkpoint in the work folder.
     #[arg(long)]
     pub resume: bool,
@@ -156,6 +163,7 @@ impl TrainArgs {
             val_defect_strength: recipe.val_defect_strength,
             val_defects: recipe.val_defects,
             val_defect_images: self.val_defect_images.clone(),
+            restarts: self.restarts,
             recipe: if self.paper { "paper" } else { "default" }.into(),
             seed: self.seed,
             holdout_seed: self.holdout_seed.unwrap_or(self.seed),

@@ -28,7 +28,9 @@ pub struct ClassThresholds {
     pub pixel: Option<f32>,
 }
 
-pub use super::provenance::{AddedClass, EpochRecord, Provenance, SourceFile, TrainingRecord};
+pub use super::provenance::{
+    AddedClass, EpochRecord, Provenance, RestartRecord, SourceFile, TrainingRecord,
+};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -43,6 +43,20 @@ pub struct TrainingRecord {
     pub selected_epoch: usize,
     /// How the epoch was chosen, in words.
     pub selection: String,
+    /// The runs `--restarts` trained, one per seed; the bundle is the best of them on
+    /// validation, and `seed` is its seed (empty for a single run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restarts: Vec<RestartRecord>,
+}
+
+/// One run of `cras train --restarts`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartRecord {
+    pub seed: u64,
+    pub selected_epoch: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_auroc: Option<f64>,
 }
 
 impl TrainingRecord {

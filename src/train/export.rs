@@ -11,7 +11,8 @@ use super::recipe::Noise;
 use crate::backbone::Backbone;
 use crate::dataset::ClassData;
 use crate::model::bundle::{
-    Bundle, BundleMeta, FORMAT_VERSION, Provenance, SourceFile, TrainingRecord, sha256_file,
+    Bundle, BundleMeta, FORMAT_VERSION, Provenance, RestartRecord, SourceFile, TrainingRecord,
+    sha256_file,
 };
 use crate::model::graph::{CrasModel, GraphOptions};
 use crate::model::head::{Centers, CrasHead};
@@ -23,15 +24,28 @@ use std::path::{Path, PathBuf};
 type Result<T> = std::result::Result<T, TrainError>;
 
 /// Writes the bundle of the selected epoch to `o.out`.
+/// The run a training keeps: where its epochs ended (the selected weights), its centers,
+/// and, after `--restarts`, every run's record.
+pub(super) struct Kept {
+    pub progress: Progress,
+    pub centers: Centers,
+    pub restarts: Vec<RestartRecord>,
+}
+
 pub(super) fn write_bundle(
     o: &TrainOptions,
     classes: &[ClassData],
     backbone: &Backbone,
     data: &TrainingData,
-    progress: &Progress,
-    centers: Centers,
+    kept: Kept,
     patch_grid: [usize; 2],
 ) -> Result<Bundle> {
+    let Kept {
+        progress,
+        centers,
+        restarts,
+    } = kept;
+    let progress = &progress;
     let selected = progress.best.clone().ok_or(TrainError::NoEpoch)?;
     let selected = StateDict {
         tensors: selected,
@@ -107,6 +121,7 @@ pub(super) fn write_bundle(
                 epochs: state.history.clone(),
                 selected_epoch: state.best_epoch.unwrap_or(o.epochs),
                 selection,
+                restarts,
             }),
             added_classes: Vec::new(),
         },
@@ -160,6 +175,7 @@ fn recorded_options(o: &TrainOptions, sigma: Option<f64>) -> BTreeMap<String, St
         ),
         ("noise_relative", relative),
         ("noise_k", o.noise_k.to_string()),
+        ("restarts", o.restarts.to_string()),
         ("val_fraction", o.val_fraction.to_string()),
         (
             "val_defect_strength",

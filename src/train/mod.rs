@@ -24,6 +24,7 @@ mod export;
 pub mod features;
 mod params;
 pub mod recipe;
+mod run;
 
 pub use device::TrainDevice;
 pub use error::TrainError;
@@ -32,22 +33,14 @@ pub use export::{CENTERS_KEY, head_file, sha_of_sources};
 use crate::backbone::{Backbone, BackboneKind};
 use crate::dataset::ClassData;
 use crate::engine::EngineOptions;
-use crate::model::bundle::{Bundle, EpochRecord};
+use crate::model::bundle::{Bundle, RestartRecord};
 use crate::model::head::Centers;
 use crate::path_error::PathError;
 use crate::preprocess::InputSpec;
-use crate::rng::Rng;
-use adam::Adam;
-use candle_core::Device;
-use centers::{CenterBank, CenterSums};
-use checkpoint::{Checkpoint, CheckpointState, Progress};
-use data::{Split, TrainingData};
-use epoch::{EpochStats, Trainer};
-use params::Params;
+use run::{Run, train_once};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Instant;
 
 type Result<T> = std::result::Result<T, TrainError>;
 
@@ -80,6 +73,8 @@ pub struct TrainOptions {
     /// Real defective images (`<dir>/<class>/*`) as the validation positives instead of
     /// painted ones.
     pub val_defect_images: Option<PathBuf>,
+    /// Runs from seeds `seed`, `seed + 1`, ...; the best on validation is kept.
+    pub restarts: usize,
     /// Which recipe the settings came from (`default`, `paper`), for the record.
     pub recipe: String,
     pub seed: u64,
@@ -118,6 +113,13 @@ impl TrainOptions {
             return bad(format!(
                 "--val-defect-strength {:?}: give strengths in (0, 1]",
                 self.val_defect_strength
+            ));
+        }
+        if self.restarts == 0 || (self.restarts > 1 && self.val_fraction <= 0.0) {
+            return bad(format!(
+                "--restarts {}: give at least 1, and more than 1 only with a validation \
+                 hold-out to choose on (--val-fraction above 0)",
+                self.restarts
             ));
         }
         if self.val_defect_images.is_some() && self.val_fraction <= 0.0 {
@@ -165,177 +167,73 @@ pub fn train(
     // 1. The seeded hold-out and every image's embedding, once.
     let data = data::prepare(o, classes, &backbone, shape[1])?;
 
-    // 2. The network and its optimisers; 3. the centers under the initial adaptor (or
-    // everything from the checkpoint of an interrupted run).
-    let mut rng = Rng::new(o.seed);
-    let params = Params::init(o.embed_dim, &mut rng, &dev)?;
-    let ckpt = Checkpoint::in_folder(&o.work);
-    let resuming = o.resume && ckpt.exists();
-    if o.resume && !resuming {
+    // 2-4. One run per seed (`--restarts`), each in its own checkpoint folder; the best
+    // on validation is kept (ties: the earlier seed).
+    if o.restarts > 1 && o.val_defect_images.is_none() {
         tracing::warn!(
-            "--resume: no checkpoint in {}; starting afresh",
-            o.work.display()
+            "--restarts {} chooses on painted validation defects, which did not rank runs as a \
+             real test did on ELPV (docs/decisions.md); give --val-defect-images if you can",
+            o.restarts
         );
     }
-    let (centers, sigma) = if resuming {
-        (ckpt.load_centers(shape)?, None)
-    } else {
-        let (centers, sigma) = initial_centers(o, &params, &dev, &data.train, shape)?;
-        ckpt.save_centers(&centers, shape)?;
-        (centers, Some(sigma))
-    };
-    let mut trainer = Trainer {
-        adaptor_opt: Adam::new(&params.adaptor_vars(), o.adaptor_lr, 0.01, true)?,
-        scorer_opt: Adam::new(&params.scorer_vars(), o.scorer_lr, 1e-5, false)?,
-        params,
-        bank: CenterBank::new(centers.clone(), shape[0], shape[1], shape[2], &dev)?,
-        rng,
-        dev,
-        sigma: 0.0, // set below, from the fresh run or the checkpoint
-        noise_k: o.noise_k,
-        batch: o.batch,
-    };
-    let mut progress = match sigma {
-        Some(sigma) => Progress {
-            state: CheckpointState::fresh(sigma),
-            best: None,
-        },
-        None => {
-            let progress = ckpt.load(&mut trainer)?;
-            tracing::info!(
-                "resuming at epoch {} from {}",
-                progress.state.next_epoch + 1,
-                o.work.display()
-            );
-            progress
+    let mut best: Option<Run> = None;
+    let mut restarts = Vec::new();
+    for r in 0..o.restarts {
+        let seed = o.seed + r as u64;
+        let folder = if o.restarts > 1 {
+            tracing::info!("restart {}/{}: seed {seed}", r + 1, o.restarts);
+            o.work.join(format!("restart-{r}"))
+        } else {
+            o.work.clone()
+        };
+        let run = train_once(o, seed, &folder, &dev, &data, shape, &interrupted)?;
+        let (epoch, auroc) = (run.progress.state.best_epoch, run.progress.state.best_auroc);
+        restarts.push(RestartRecord {
+            seed,
+            selected_epoch: epoch.unwrap_or(o.epochs),
+            validation_auroc: auroc,
+        });
+        if best.as_ref().is_none_or(|b| {
+            auroc.unwrap_or(f64::MIN) > b.progress.state.best_auroc.unwrap_or(f64::MIN)
+        }) {
+            best = Some(run);
         }
+    }
+    let Some(best) = best else {
+        return Err(TrainError::Options("--restarts must be at least 1".into()));
     };
-    trainer.sigma = match (progress.state.noise_sigma, o.noise) {
-        (Some(sigma), _) => sigma,
-        (None, recipe::Noise::Absolute(sigma)) => sigma,
-        (None, recipe::Noise::Relative(_)) => {
-            return Err(TrainError::Options(format!(
-                "the checkpoint in {} records no noise sigma (an older run) to resume relative noise with; \
-                 train again without --resume",
-                o.work.display()
-            )));
-        }
-    };
-
-    // 4. The epochs, each scored on validation and checkpointed.
-    for epoch in progress.state.next_epoch..o.epochs {
-        let t0 = Instant::now();
-        let stats = trainer.epoch(&data.train, epoch, o.epochs, &interrupted)?;
-        if stats.interrupted {
-            // The partial epoch is discarded: the checkpoint holds the last full epoch.
-            return Err(TrainError::Interrupted {
-                epoch: epoch + 1,
-                work: o.work.clone(),
-            });
-        }
-        let val_auroc = trainer.validate(&data.val, &data.val_labels)?;
-        record_epoch(
-            o,
-            &mut progress,
-            &trainer,
-            &data,
-            epoch,
-            &stats,
-            val_auroc,
-            t0,
-        )?;
-        ckpt.save(&trainer, &progress)?;
+    if o.restarts > 1 {
+        let line: Vec<String> = restarts
+            .iter()
+            .map(|r| {
+                let v = r
+                    .validation_auroc
+                    .map_or("n/a".into(), |a| format!("{a:.4}"));
+                format!("seed {} {v}", r.seed)
+            })
+            .collect();
+        tracing::info!(
+            "restarts on validation: {}; kept seed {}",
+            line.join(", "),
+            best.seed
+        );
     }
 
-    // 5. The selected epoch as a bundle.
+    // 5. The selected epoch of the kept run as a bundle; its seed is the record's seed.
+    let chosen = TrainOptions {
+        seed: best.seed,
+        ..o.clone()
+    };
     let centers = Centers {
         classes: shape[0],
         patches: shape[1],
         dim: shape[2],
-        data: centers,
+        data: best.centers,
     };
-    export::write_bundle(o, classes, &backbone, &data, &progress, centers, [ha, wa])
-}
-
-/// The centers under the freshly initialised adaptor, and the noise sigma: `--noise`, or
-/// `--noise-relative` times the adapted features' spread.
-fn initial_centers(
-    o: &TrainOptions,
-    params: &Params,
-    dev: &Device,
-    train: &Split,
-    [classes, patches, dim]: [usize; 3],
-) -> Result<(Vec<f32>, f64)> {
-    let mut sums = CenterSums::new(classes, patches, dim);
-    let all: Vec<usize> = (0..train.cache.count).collect();
-    for chunk in all.chunks(16) {
-        let f = params
-            .adapt(&train.batch(chunk, dev)?)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        for (k, &i) in chunk.iter().enumerate() {
-            sums.add(
-                train.classes[i],
-                &f[k * patches * dim..(k + 1) * patches * dim],
-            );
-        }
-    }
-    let mean_std = sums.mean_std();
-    let sigma = o.noise.sigma(mean_std);
-    tracing::info!(
-        "adapted features at initialisation: mean per-dimension std {mean_std:.4}; noise sigma {sigma:.5} is {:.1}% of it",
-        100.0 * sigma / mean_std.max(f64::MIN_POSITIVE)
-    );
-    Ok((sums.centers(), sigma))
-}
-
-/// Keeps the epoch if it is the best on validation so far (ties: the earlier), prints
-/// its line, and appends it to the history.
-#[allow(clippy::too_many_arguments)]
-fn record_epoch(
-    o: &TrainOptions,
-    progress: &mut Progress,
-    t: &Trainer,
-    data: &TrainingData,
-    epoch: usize,
-    stats: &EpochStats,
-    val_auroc: Option<f64>,
-    started: Instant,
-) -> Result<()> {
-    let state = &mut progress.state;
-    let secs = started.elapsed().as_secs_f64();
-    let improved = match (val_auroc, state.best_auroc) {
-        (Some(a), Some(b)) => a > b,
-        (Some(_), None) => true,
-        (None, _) => true, // no validation: the last epoch is kept
+    let kept = export::Kept {
+        progress: best.progress,
+        centers,
+        restarts: if o.restarts > 1 { restarts } else { Vec::new() },
     };
-    if improved {
-        state.best_auroc = val_auroc;
-        state.best_epoch = Some(epoch + 1);
-        progress.best = Some(t.params.snapshot()?);
-    }
-    eprintln!(
-        "epoch {:>3}/{}: loss {:.4}, validation image AUROC {}, {:.0}% / {:.0}% of normal / synthetic patches on the right side, {secs:.1} s ({:.1} images/s){}",
-        epoch + 1,
-        o.epochs,
-        stats.loss,
-        val_auroc
-            .map(|a| format!("{a:.4}"))
-            .unwrap_or_else(|| "n/a".into()),
-        100.0 * stats.normal_ok,
-        100.0 * stats.synthetic_ok,
-        data.train.cache.count as f64 / secs,
-        if improved { " *" } else { "" }
-    );
-    state.history.push(EpochRecord {
-        epoch: epoch + 1,
-        loss: stats.loss,
-        validation_auroc: val_auroc,
-        seconds: secs,
-    });
-    state.next_epoch = epoch + 1;
-    state.adaptor_step = t.adaptor_opt.step;
-    state.scorer_step = t.scorer_opt.step;
-    state.rng_state = t.rng.state();
-    Ok(())
+    export::write_bundle(&chosen, classes, &backbone, &data, kept, [ha, wa])
 }
