@@ -6,12 +6,15 @@
 //! [`device`]: centers from the initial adaptor ([`centers`]), distance-guided Gaussian
 //! noise on the adapted features, BCE on normal vs synthetic patches ([`epoch`]), AdamW
 //! (adaptor) and Adam with L2 (scorer) ([`adam`]). Every epoch is checkpointed
-//! ([`checkpoint`]); the selected one is exported as a bundle ([`export`]).
+//! ([`checkpoint`]); one run's loop is [`run`]; the selected epoch is exported as a
+//! bundle ([`export`]). `--restarts` trains several runs over the same embeddings and
+//! keeps the best on validation.
 //!
 //! Model selection never looks at the test split: a held-out part of the good training
 //! images is scored each epoch against the same images with synthetic defects painted on
-//! (`synth` defects: scratch, spot, missing part, crack), and the epoch with the best
-//! image AUROC on that validation set is kept (ties: the earlier epoch).
+//! (`synth` defects: scratch, spot, missing part, crack), or against the user's real
+//! defect images (`--val-defect-images`), and the epoch with the best image AUROC on that
+//! validation set is kept (ties: the earlier epoch).
 
 mod adam;
 mod centers;
@@ -179,7 +182,7 @@ pub fn train(
     let mut best: Option<Run> = None;
     let mut restarts = Vec::new();
     for r in 0..o.restarts {
-        let seed = o.seed + r as u64;
+        let seed = o.seed.wrapping_add(r as u64);
         let folder = if o.restarts > 1 {
             tracing::info!("restart {}/{}: seed {seed}", r + 1, o.restarts);
             o.work.join(format!("restart-{r}"))
