@@ -13,7 +13,7 @@
 //! target/bench-elpv/h0s2`. The models must share one hold-out (`--holdout-seed`).
 //! PROBE_KINDS (default `crack;scratch;spot;missing`, sets separated by `;`) and
 //! PROBE_STRENGTHS (default `0.05,0.1,0.2`) choose the designs; PROBE_POSITIVES=DIR adds
-//! one with real defective images, every file in `DIR/<class>/` (PROBE_KINDS= leaves
+//! one with real defective images, the images in `DIR/<class>/` (PROBE_KINDS= leaves
 //! the painted ones out). Images are painted as
 //! `cras train` paints them (same seeds), at the models' input size, into a temporary
 //! folder.
@@ -38,7 +38,7 @@ fn image_auroc(metrics: &Path) -> Option<f64> {
 enum Positives<'a> {
     /// One painted copy of each hold-out image: these kinds at this strength.
     Painted(DefectKinds, f64),
-    /// Real images: every file in `<dir>/<class>/`.
+    /// Real images: those in `<dir>/<class>/`, as `cras train --val-defect-images` reads them.
     Real(&'a Path),
 }
 
@@ -55,9 +55,13 @@ fn write_design(bundle: &Bundle, data: &Path, positives: &Positives, out: &Path)
     let classes = cras::dataset::open(data, &bundle.meta.classes).expect("the dataset");
     let split = cras::dataset::holdout_split(&classes, t.holdout_seed(), fraction).unwrap();
     let spec = &bundle.meta.input;
+    let real = match positives {
+        Positives::Real(dir) => cras::dataset::defect_images(dir, &bundle.meta.classes).unwrap(),
+        Positives::Painted(..) => vec![Vec::new(); bundle.meta.classes.len()],
+    };
     // `cras train` seeds each painted copy by the image's index in the whole hold-out.
     let mut k = 0;
-    for (class, (_, held)) in bundle.meta.classes.iter().zip(split) {
+    for ((class, (_, held)), real) in bundle.meta.classes.iter().zip(split).zip(real) {
         let good = out.join(class).join("test/good");
         let defect = out.join(class).join("test/defect");
         std::fs::create_dir_all(&good).unwrap();
@@ -78,17 +82,14 @@ fn write_design(bundle: &Bundle, data: &Path, positives: &Positives, out: &Path)
             }
             k += 1;
         }
-        if let Positives::Real(dir) = positives {
-            for f in std::fs::read_dir(dir.join(class)).expect("<dir>/<class>/") {
-                // Prepared as the hold-out is, so that both go through the same steps.
-                let f = f.unwrap().path();
-                let name = Path::new(f.file_name().unwrap()).with_extension("png");
-                Source::File(f)
-                    .load(spec)
-                    .unwrap()
-                    .save(defect.join(name))
-                    .unwrap();
-            }
+        // Real images are prepared as the hold-out is, so both go through the same steps.
+        for f in real {
+            let name = Path::new(f.file_name().unwrap()).with_extension("png");
+            Source::File(f)
+                .load(spec)
+                .unwrap()
+                .save(defect.join(name))
+                .unwrap();
         }
     }
 }

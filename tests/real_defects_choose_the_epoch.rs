@@ -64,6 +64,22 @@ fn train(data: &Path, dir: &Path, name: &str, extra: &[&str]) -> (i32, String) {
     (code, err)
 }
 
+/// The synthetic line in a fresh folder: (the folder, the dataset, its classes).
+fn synthetic_line() -> (tempfile::TempDir, PathBuf, Vec<String>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    synth_line(&data);
+    let classes = cras::dataset::discover_classes(&data).unwrap();
+    (tmp, data, classes)
+}
+
+/// `cras train` with `extra` fails; its error output.
+fn refused(data: &Path, dir: &Path, name: &str, extra: &[&str]) -> String {
+    let (code, err) = train(data, dir, name, extra);
+    assert_ne!(code, 0, "accepted: {extra:?}");
+    err
+}
+
 /// Image scores of `images` under the bundle in `model`, as `cras infer` gives them.
 fn scores(model: &Path, images: &[PathBuf]) -> Vec<f32> {
     let mut args = vec![
@@ -85,11 +101,8 @@ fn scores(model: &Path, images: &[PathBuf]) -> Vec<f32> {
 
 #[test]
 fn real_defect_images_are_the_validation_positives() {
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    let data = dir.join("data");
-    synth_line(&data);
-    let classes = cras::dataset::discover_classes(&data).unwrap();
+    let (tmp, data, classes) = synthetic_line();
+    let dir = tmp.path();
     // Two of the three classes have defect images; the third simply has none.
     let defects = dir.join("defects");
     let mut positives = Vec::new();
@@ -147,22 +160,18 @@ fn real_defect_images_are_the_validation_positives() {
 
 #[test]
 fn defect_folders_and_flags_that_cannot_be_meant_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    let data = dir.join("data");
-    synth_line(&data);
-    let classes = cras::dataset::discover_classes(&data).unwrap();
+    let (tmp, data, classes) = synthetic_line();
+    let dir = tmp.path();
     // A folder that names no class (a typo would drop its images silently).
     let typo = dir.join("typo");
     copy_defects(&data, &classes[0], &typo);
     std::fs::rename(typo.join(&classes[0]), typo.join("scews")).unwrap();
-    let (code, err) = train(
+    let err = refused(
         &data,
         dir,
         "a",
         &["--val-defect-images", typo.to_str().unwrap()],
     );
-    assert_ne!(code, 0);
     assert!(
         err.contains("`scews` is not a class of this model"),
         "{err}"
@@ -171,44 +180,46 @@ fn defect_folders_and_flags_that_cannot_be_meant_are_refused() {
     // No image at all.
     let empty = dir.join("empty");
     std::fs::create_dir_all(empty.join(&classes[0])).unwrap();
-    let (code, err) = train(
+    let err = refused(
         &data,
         dir,
         "b",
         &["--val-defect-images", empty.to_str().unwrap()],
     );
-    assert_ne!(code, 0);
     assert!(err.contains("holds no defect images"), "{err}");
     // Nothing held out to tell them from.
     let real = dir.join("real");
     copy_defects(&data, &classes[0], &real);
     let real = real.to_str().unwrap();
-    let (code, err) = train(
+    let err = refused(
         &data,
         dir,
         "c",
         &["--val-defect-images", real, "--val-fraction", "0"],
     );
-    assert_ne!(code, 0);
     assert!(err.contains("--val-fraction must be above 0"), "{err}");
     // Painted-defect settings beside real images.
-    let (code, err) = train(
+    let err = refused(
         &data,
         dir,
         "d",
         &["--val-defect-images", real, "--val-defects", "crack"],
     );
-    assert_ne!(code, 0);
     assert!(err.contains("cannot be used with"), "{err}");
+    // No run to keep.
+    let err = refused(
+        &data,
+        dir,
+        "e",
+        &["--val-defect-images", real, "--restarts", "0"],
+    );
+    assert!(err.contains("--restarts 0: give at least 1"), "{err}");
 }
 
 #[test]
 fn restarts_keep_the_best_run_and_it_is_that_seeds_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    let data = dir.join("data");
-    synth_line(&data);
-    let classes = cras::dataset::discover_classes(&data).unwrap();
+    let (tmp, data, classes) = synthetic_line();
+    let dir = tmp.path();
     let defects = dir.join("defects");
     for class in &classes {
         copy_defects(&data, class, &defects);

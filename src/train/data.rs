@@ -69,15 +69,11 @@ pub(super) fn prepare(
     patches: usize,
 ) -> Result<TrainingData> {
     let (train, val, val_good) = sources(o, classes)?;
+    let n = val.files.len() - val_good;
     let positives = match &o.val_defect_images {
-        Some(dir) => format!(
-            "+{} real defect images from {}",
-            val.files.len() - val_good,
-            dir.display()
-        ),
+        Some(dir) => format!("+{n} real defect images from {}", dir.display()),
         None => format!(
-            "+{} with synthetic defects at {} strengths",
-            val.files.len() - val_good,
+            "+{n} with synthetic defects at {} strengths",
             o.val_defect_strength.len()
         ),
     };

@@ -23,7 +23,6 @@ use std::path::{Path, PathBuf};
 
 type Result<T> = std::result::Result<T, TrainError>;
 
-/// Writes the bundle of the selected epoch to `o.out`.
 /// The run a training keeps: where its epochs ended (the selected weights), its centers,
 /// and, after `--restarts`, every run's record.
 pub(super) struct Kept {
@@ -32,6 +31,7 @@ pub(super) struct Kept {
     pub restarts: Vec<RestartRecord>,
 }
 
+/// Writes the bundle of the kept run's selected epoch to `o.out`.
 pub(super) fn write_bundle(
     o: &TrainOptions,
     classes: &[ClassData],
@@ -45,7 +45,6 @@ pub(super) fn write_bundle(
         centers,
         restarts,
     } = kept;
-    let progress = &progress;
     let selected = progress.best.clone().ok_or(TrainError::NoEpoch)?;
     let selected = StateDict {
         tensors: selected,
@@ -163,7 +162,7 @@ fn recorded_options(o: &TrainOptions, sigma: Option<f64>) -> BTreeMap<String, St
         Noise::Relative(r) => r.to_string(),
         Noise::Absolute(_) => "-".into(),
     };
-    [
+    let mut options: BTreeMap<String, String> = [
         ("recipe", o.recipe.clone()),
         ("epochs", o.epochs.to_string()),
         ("batch", o.batch.to_string()),
@@ -177,28 +176,30 @@ fn recorded_options(o: &TrainOptions, sigma: Option<f64>) -> BTreeMap<String, St
         ("noise_k", o.noise_k.to_string()),
         ("restarts", o.restarts.to_string()),
         ("val_fraction", o.val_fraction.to_string()),
-        (
-            "val_defect_strength",
-            o.val_defect_strength
-                .iter()
-                .map(f64::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
-        ),
-        ("val_defects", o.val_defects.names()),
         ("embed_dim", o.embed_dim.to_string()),
         ("pretrain_embed_dim", o.pre_dim.to_string()),
         ("device", o.device.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
-    .filter(|(k, _)| o.val_defect_images.is_none() || !k.starts_with("val_defect"))
-    .chain(
-        o.val_defect_images
-            .iter()
-            .map(|d| ("val_defect_images".to_string(), d.display().to_string())),
-    )
-    .collect()
+    .collect();
+    // The validation positives: the real images, or the painted defects' settings.
+    let positives = match &o.val_defect_images {
+        Some(dir) => vec![("val_defect_images", dir.display().to_string())],
+        None => vec![
+            (
+                "val_defect_strength",
+                o.val_defect_strength
+                    .iter()
+                    .map(f64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            ("val_defects", o.val_defects.names()),
+        ],
+    };
+    options.extend(positives.into_iter().map(|(k, v)| (k.to_string(), v)));
+    options
 }
 
 /// One hash over the training images' names (relative to the dataset root) and contents.
