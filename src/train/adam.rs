@@ -40,15 +40,26 @@ impl Adam {
         })
     }
 
-    /// One step on `vars` (the same variables, in the same order, as at creation).
+    /// One step on `vars` (the same variables, in the same order, as at creation) with
+    /// the gradients autograd found for them.
     pub fn apply(&mut self, vars: &[&Var], grads: &candle_core::backprop::GradStore) -> Result<()> {
+        let grads: Vec<Option<Tensor>> = vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned())
+            .collect();
+        self.apply_grads(vars, &grads)
+    }
+
+    /// One step on `vars` with their gradients, in the same order; a variable without
+    /// one keeps its value and moments.
+    pub fn apply_grads(&mut self, vars: &[&Var], grads: &[Option<Tensor>]) -> Result<()> {
         const B1: f64 = 0.9;
         const B2: f64 = 0.999;
         const EPS: f64 = 1e-8;
         self.step += 1;
         let (c1, c2) = (1.0 - B1.powi(self.step), 1.0 - B2.powi(self.step));
-        for (var, mo) in vars.iter().zip(self.moments.iter_mut()) {
-            let Some(g) = grads.get(var.as_tensor()) else {
+        for ((var, mo), g) in vars.iter().zip(self.moments.iter_mut()).zip(grads) {
+            let Some(g) = g else {
                 continue;
             };
             let theta = var.as_tensor();

@@ -80,6 +80,9 @@ pub(super) struct CenterBank {
     /// 1/|center_c| over the flattened bank, per class.
     inv_norm: Vec<f32>,
     patches: usize,
+    /// `flat` in host memory, for the CPU step.
+    host: Vec<f32>,
+    dim: usize,
 }
 
 impl CenterBank {
@@ -94,7 +97,7 @@ impl CenterBank {
             .chunks(patches * dim)
             .map(|c| (1.0 / c.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt()) as f32)
             .collect();
-        let flat = Tensor::from_vec(data, (classes * patches, dim), dev)?;
+        let flat = Tensor::from_slice(&data, (classes * patches, dim), dev)?;
         let norms = flat.sqr()?.sum_keepdim(1)?.sqrt()?.affine(1.0, 1e-12)?;
         let normed = flat.broadcast_div(&norms)?;
         Ok(CenterBank {
@@ -102,12 +105,20 @@ impl CenterBank {
             normed,
             inv_norm,
             patches,
+            host: data,
+            dim,
         })
     }
 
     /// Rows of the bank nearest (cosine) to each patch of each image of `f` [B*P, D],
     /// searching class `classes[b]` for image b. Returns the global row indices.
     pub fn nearest_rows(&self, f: &Tensor, classes: &[usize]) -> Result<Tensor> {
+        let idx = self.nearest(f, classes)?;
+        Tensor::from_vec(idx, classes.len() * self.patches, f.device())
+    }
+
+    /// [`Self::nearest_rows`] as row numbers.
+    pub fn nearest(&self, f: &Tensor, classes: &[usize]) -> Result<Vec<u32>> {
         let p = self.patches;
         let mut idx = Vec::with_capacity(classes.len() * p);
         for (b, &c) in classes.iter().enumerate() {
@@ -120,7 +131,12 @@ impl CenterBank {
                 .to_vec1::<u32>()?;
             idx.extend(q.into_iter().map(|q| (c * p) as u32 + q));
         }
-        Tensor::from_vec(idx, classes.len() * p, f.device())
+        Ok(idx)
+    }
+
+    /// Row `row` of the bank ([D]).
+    pub fn center(&self, row: usize) -> &[f32] {
+        &self.host[row * self.dim..(row + 1) * self.dim]
     }
 
     /// The class each image would be assigned at inference (flattened cosine argmax).

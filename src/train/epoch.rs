@@ -8,6 +8,7 @@ use super::adam::Adam;
 use super::centers::CenterBank;
 use super::data::Split;
 use super::params::Params;
+use super::step::{Scratch, adapt, fit, forward_backward, scale_noise};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -31,6 +32,8 @@ pub(super) struct Trainer {
     /// Shrink of the distance-guided noise scale towards 1.
     pub noise_k: f64,
     pub batch: usize,
+    /// The CPU step's buffers, reused from step to step.
+    pub scratch: Scratch,
 }
 
 /// What one epoch did.
@@ -64,6 +67,28 @@ impl Tally {
 fn softplus(t: &Tensor) -> Result<Tensor> {
     t.relu()?
         .add(&t.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)
+}
+
+/// The step's loss as a candle graph, from the adapted features `f` ([R, D], still
+/// attached to the adaptor), each row's nearest center `m` and the scaled synthetic
+/// noise (constants): returns the loss and the normal and synthetic logits.
+pub(super) fn graph_loss(
+    params: &mut Params,
+    f: &Tensor,
+    m: &Tensor,
+    noise: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let rows_n = f.dim(0)?;
+    let g = f.add(noise)?;
+    let normal = Tensor::cat(&[f, &f.sub(m)?], 1)?;
+    let synth = Tensor::cat(&[&g, &g.sub(m)?], 1)?;
+    let z = params.score_logits(&Tensor::cat(&[&normal, &synth], 0)?, true)?;
+    let zn = z.narrow(0, 0, rows_n)?;
+    let zs = z.narrow(0, rows_n, rows_n)?;
+    let loss = softplus(&zn)?
+        .mean_all()?
+        .add(&softplus(&zs.neg()?)?.mean_all()?)?;
+    Ok((loss, zn, zs))
 }
 
 /// Share of `probabilities` on the right side of 0.5 (`above`: synthetic).
@@ -123,8 +148,66 @@ impl Trainer {
         })
     }
 
-    /// One optimisation step on images `idx` of `train`.
+    /// One optimisation step on images `idx` of `train`: written out on the CPU
+    /// (train/step.rs), as a candle graph elsewhere.
     fn step(&mut self, train: &Split, idx: &[usize], tally: &mut Tally) -> Result<()> {
+        if self.dev.is_cpu() {
+            self.step_cpu(train, idx, tally)
+        } else {
+            self.step_graph(train, idx, tally)
+        }
+    }
+
+    /// The step of [`Self::step_graph`], with the same random draws in the same order,
+    /// computed by train/step.rs.
+    fn step_cpu(&mut self, train: &Split, idx: &[usize], tally: &mut Tally) -> Result<()> {
+        let (p, d) = (train.cache.patches, train.cache.dim);
+        let r = idx.len() * p;
+        let host = self.params.host()?;
+        let s = &mut self.scratch;
+        let x = fit(&mut s.x, r * d);
+        for (rows, &i) in x.chunks_exact_mut(p * d).zip(idx) {
+            rows.copy_from_slice(train.cache.image(i));
+        }
+        let f = &mut fit(&mut s.fg, 2 * r * d)[..r * d];
+        adapt(&host, x, f)?;
+        let cls: Vec<usize> = idx.iter().map(|&i| train.classes[i]).collect();
+        let rows = self
+            .bank
+            .nearest(&Tensor::from_slice(f, (r, d), &self.dev)?, &cls)?;
+        let m = fit(&mut s.m, r * d);
+        for (center, &row) in m.chunks_exact_mut(d).zip(&rows) {
+            center.copy_from_slice(self.bank.center(row as usize));
+        }
+        let noise = fit(&mut s.noise, r * d);
+        for v in noise.iter_mut() {
+            *v = (self.rng.normal() * self.sigma) as f32;
+        }
+        scale_noise(f, m, noise, d, self.noise_k);
+        let out = forward_backward(&host, r, s)?;
+        self.params.update_running(&out.stats)?;
+        let as_tensors = |vars: &[&candle_core::Var], grads: Vec<Vec<f32>>| {
+            vars.iter()
+                .zip(grads)
+                .map(|(v, g)| Ok(Some(Tensor::from_vec(g, v.shape(), &self.dev)?)))
+                .collect::<Result<Vec<_>>>()
+        };
+        let adaptor = self.params.adaptor_vars();
+        let grads = as_tensors(&adaptor, vec![out.grads.wa, out.grads.ba])?;
+        self.adaptor_opt.apply_grads(&adaptor, &grads)?;
+        let scorer = self.params.scorer_vars();
+        let grads = as_tensors(&scorer, out.grads.scorer.into())?;
+        self.scorer_opt.apply_grads(&scorer, &grads)?;
+        let images = idx.len() as f64;
+        tally.loss += out.loss * images;
+        tally.normal_ok += out.normal_ok * images;
+        tally.synthetic_ok += out.synthetic_ok * images;
+        tally.images += idx.len();
+        Ok(())
+    }
+
+    /// One optimisation step on images `idx` of `train` as a candle graph with autograd.
+    fn step_graph(&mut self, train: &Split, idx: &[usize], tally: &mut Tally) -> Result<()> {
         let (p, d) = (train.cache.patches, train.cache.dim);
         let x = train.batch(idx, &self.dev)?;
         let cls: Vec<usize> = idx.iter().map(|&i| train.classes[i]).collect();
@@ -149,17 +232,7 @@ impl Trainer {
         let a = a
             .broadcast_div(&a.mean_all()?)?
             .affine(self.noise_k, 1.0 - self.noise_k)?;
-        let g = f.add(&noise.broadcast_mul(&a)?)?;
-        let normal = Tensor::cat(&[&f, &f.sub(&m)?], 1)?;
-        let synth = Tensor::cat(&[&g, &g.sub(&m)?], 1)?;
-        let z = self
-            .params
-            .score_logits(&Tensor::cat(&[&normal, &synth], 0)?, true)?;
-        let zn = z.narrow(0, 0, rows_n)?;
-        let zs = z.narrow(0, rows_n, rows_n)?;
-        let loss = softplus(&zn)?
-            .mean_all()?
-            .add(&softplus(&zs.neg()?)?.mean_all()?)?;
+        let (loss, zn, zs) = graph_loss(&mut self.params, &f, &m, &noise.broadcast_mul(&a)?)?;
         let grads = loss.backward()?;
         self.adaptor_opt
             .apply(&self.params.adaptor_vars(), &grads)?;

@@ -17,6 +17,7 @@
 //! validation set is kept (ties: the earlier epoch).
 
 mod adam;
+mod batchnorm;
 mod centers;
 mod checkpoint;
 mod data;
@@ -25,9 +26,11 @@ mod epoch;
 mod error;
 mod export;
 pub mod features;
+mod kernels;
 mod params;
 pub mod recipe;
 mod run;
+mod step;
 
 pub use device::TrainDevice;
 pub use error::TrainError;

@@ -9,9 +9,9 @@ use crate::weights::Tensor as WTensor;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
 
-const BN_EPS: f64 = 1e-5;
+pub(super) const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
-const LEAKY: f64 = 0.2;
+pub(super) const LEAKY: f64 = 0.2;
 
 /// `v` ([C]) repeated on every row ([N, C]) as a product with a ones column, so that its
 /// gradient is a matrix product too rather than a slow reduction over rows.
@@ -39,6 +39,27 @@ pub(super) struct Params {
     rv2: Tensor,
 }
 
+/// The trainable parameters copied out of the variables for the written-out CPU step
+/// (train/step.rs), in the same layouts.
+pub(super) struct HostParams {
+    pub dim: usize,
+    pub wa: Vec<f32>,
+    pub ba: Vec<f32>,
+    pub w1: Vec<f32>,
+    pub b1: Vec<f32>,
+    pub g1: Vec<f32>,
+    pub beta1: Vec<f32>,
+    pub w2: Vec<f32>,
+    pub b2: Vec<f32>,
+    pub g2: Vec<f32>,
+    pub beta2: Vec<f32>,
+    pub w3: Vec<f32>,
+}
+
+fn host(v: &Var) -> Result<Vec<f32>> {
+    v.as_tensor().flatten_all()?.to_vec1::<f32>()
+}
+
 fn xavier(rng: &mut Rng, out: usize, inp: usize, dev: &Device) -> Result<Var> {
     let std = (2.0 / (out + inp) as f64).sqrt();
     let v: Vec<f32> = (0..out * inp)
@@ -51,6 +72,13 @@ fn bias(rng: &mut Rng, out: usize, fan_in: usize, dev: &Device) -> Result<Var> {
     let b = 1.0 / (fan_in as f64).sqrt();
     let v: Vec<f32> = (0..out).map(|_| rng.range(-b, b) as f32).collect();
     Var::from_tensor(&Tensor::from_vec(v, out, dev)?)
+}
+
+/// A running statistic moved towards a batch's: `(1 - momentum) running + momentum batch`.
+fn blend(running: &Tensor, batch: &Tensor) -> Result<Tensor> {
+    running
+        .affine(1.0 - BN_MOMENTUM, 0.0)?
+        .add(&batch.affine(BN_MOMENTUM, 0.0)?)
 }
 
 fn constant(v: f32, n: usize, dev: &Device) -> Result<Tensor> {
@@ -77,6 +105,39 @@ impl Params {
             rm2: constant(0.0, h, dev)?,
             rv2: constant(1.0, h, dev)?,
         })
+    }
+
+    /// A copy of the weights for the CPU step.
+    pub fn host(&self) -> Result<HostParams> {
+        Ok(HostParams {
+            dim: self.adaptor_b.as_tensor().dim(0)?,
+            wa: host(&self.adaptor_w)?,
+            ba: host(&self.adaptor_b)?,
+            w1: host(&self.w1)?,
+            b1: host(&self.b1)?,
+            g1: host(&self.g1)?,
+            beta1: host(&self.beta1)?,
+            w2: host(&self.w2)?,
+            b2: host(&self.b2)?,
+            g2: host(&self.g2)?,
+            beta2: host(&self.beta2)?,
+            w3: host(&self.w3)?,
+        })
+    }
+
+    /// Moves the BatchNorm running statistics of both layers towards a batch's (mean,
+    /// unbiased variance), as train mode does.
+    pub fn update_running(&mut self, stats: &[(Vec<f32>, Vec<f32>); 2]) -> Result<()> {
+        let dev = self.rm1.device().clone();
+        let running = [
+            (&mut self.rm1, &mut self.rv1),
+            (&mut self.rm2, &mut self.rv2),
+        ];
+        for ((rm, rv), (m, v)) in running.into_iter().zip(stats) {
+            *rm = blend(rm, &Tensor::from_slice(m, m.len(), &dev)?)?;
+            *rv = blend(rv, &Tensor::from_slice(v, v.len(), &dev)?)?;
+        }
+        Ok(())
     }
 
     pub fn adaptor_vars(&self) -> Vec<&Var> {
@@ -258,12 +319,8 @@ impl Params {
             } else {
                 (&mut self.rm2, &mut self.rv2)
             };
-            *rm = rm
-                .affine(1.0 - BN_MOMENTUM, 0.0)?
-                .add(&m.affine(BN_MOMENTUM, 0.0)?)?;
-            *rv = rv
-                .affine(1.0 - BN_MOMENTUM, 0.0)?
-                .add(&v.affine(BN_MOMENTUM, 0.0)?)?;
+            *rm = blend(rm, &m)?;
+            *rv = blend(rv, &v)?;
         }
         h.matmul(&self.w3.as_tensor().t()?)
     }

@@ -63,6 +63,7 @@ pub(super) fn train_once(
         sigma: 0.0, // set below, from the fresh run or the checkpoint
         noise_k: o.noise_k,
         batch: o.batch,
+        scratch: Default::default(),
     };
     let mut progress = match sigma {
         Some(sigma) => Progress {
