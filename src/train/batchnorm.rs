@@ -2,7 +2,7 @@
 //! [rows, channels] buffers in place: the scorer's two blocks as the written-out CPU step
 //! (train/step.rs) computes them.
 
-use super::kernels::{column_sums, for_row_pairs, for_rows};
+use super::kernels::{column_sums, column_totals, for_row_pairs, for_rows};
 use super::params::{BN_EPS, LEAKY};
 
 /// A BatchNorm layer's batch statistics.
@@ -33,12 +33,7 @@ pub(super) fn bn_forward(
     beta: &[f32],
 ) -> Bn {
     let n = (z.len() / c) as f64;
-    let sums = column_sums::<1>(z, c, |_, row, acc| {
-        for (a, v) in acc.iter_mut().zip(row) {
-            a[0] += *v as f64;
-        }
-    });
-    let mean: Vec<f64> = sums.iter().map(|s| s[0] / n).collect();
+    let mean: Vec<f64> = column_totals(z, c).iter().map(|s| s / n).collect();
     let sq = column_sums::<1>(z, c, |_, row, acc| {
         for ((a, v), m) in acc.iter_mut().zip(row).zip(&mean) {
             a[0] += (*v as f64 - m).powi(2);
@@ -93,10 +88,6 @@ pub(super) fn bn_backward(
             row[j] = scale[j] * (g[j] - mean_dy[j] - row[j] * mean_dyx[j]);
         }
     });
-    let dbias = column_sums::<1>(xhat, c, |_, row, acc| {
-        for (a, v) in acc.iter_mut().zip(row) {
-            a[0] += *v as f64;
-        }
-    });
-    (dgamma, dbeta, dbias.iter().map(|s| s[0] as f32).collect())
+    let dbias = column_totals(xhat, c);
+    (dgamma, dbeta, dbias.iter().map(|s| *s as f32).collect())
 }

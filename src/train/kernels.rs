@@ -150,6 +150,18 @@ pub(super) fn column_sums<const K: usize>(
     total
 }
 
+/// The plain per-column totals of the row-major `data` ([rows, cols]), in f64.
+pub(super) fn column_totals(data: &[f32], cols: usize) -> Vec<f64> {
+    column_sums::<1>(data, cols, |_, row, acc| {
+        for (a, v) in acc.iter_mut().zip(row) {
+            a[0] += *v as f64;
+        }
+    })
+    .iter()
+    .map(|s| s[0])
+    .collect()
+}
+
 /// `f(i, row)` on every row of the row-major `data` ([rows, cols]), rows in parallel.
 pub(super) fn for_rows(data: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     if cols == 0 {

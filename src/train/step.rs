@@ -9,7 +9,7 @@
 //! is the candle graph's up to float rounding (docs/decisions.md, "Training speed").
 
 use super::batchnorm::{Bn, bn_backward, bn_forward, leak};
-use super::kernels::{View, column_sums, for_row_pairs, for_rows, gemm};
+use super::kernels::{View, column_sums, column_totals, for_row_pairs, for_rows, gemm};
 use super::params::HostParams;
 use candle_core::Result;
 use rayon::prelude::*;
@@ -318,15 +318,11 @@ fn backward(p: &HostParams, r: usize, s: &mut Scratch, bn1: &Bn, bn2: &Bn) -> Re
         false,
         1.0,
     )?;
-    let dba = column_sums::<1>(df, d, |_, row, acc| {
-        for (a, v) in acc.iter_mut().zip(row) {
-            a[0] += *v as f64;
-        }
-    });
+    let dba = column_totals(df, d);
 
     Ok(Gradients {
         wa: dwa,
-        ba: dba.iter().map(|s| s[0] as f32).collect(),
+        ba: dba.iter().map(|s| *s as f32).collect(),
         scorer: [
             dw1,
             db1,
