@@ -280,6 +280,7 @@ fn main() {
             height: 288,
             width: 288,
             pre_dim: 384,
+            image_score: cras::model::score::ImageScore::PatchMax,
         };
         if wanted("lite0-d384") {
             bench("lite0-d384", &model, 20);
@@ -312,6 +313,7 @@ fn main() {
             height: 288,
             width: 288,
             pre_dim: 1536,
+            image_score: cras::model::score::ImageScore::PatchMax,
         };
         bench("wrn50-d1536 (paper)", &model, 5);
     }

@@ -16,7 +16,7 @@
 //! one with real defective images, the images in `DIR/<class>/` (PROBE_KINDS= leaves
 //! the painted ones out). Images are painted as
 //! `cras train` paints them (same seeds), at the models' input size, into a temporary
-//! folder.
+//! folder, or into PROBE_KEEP=DIR, which keeps them (for scoring rules on the same images).
 
 use cras::model::bundle::Bundle;
 use cras::synth::DefectKinds;
@@ -153,6 +153,8 @@ fn main() {
     let kinds = std::env::var("PROBE_KINDS").unwrap_or("crack;scratch;spot;missing".into());
     let strengths = std::env::var("PROBE_STRENGTHS").unwrap_or("0.05,0.1,0.2".into());
     let tmp = tempfile::tempdir().unwrap();
+    let root =
+        std::env::var_os("PROBE_KEEP").map_or_else(|| tmp.path().to_path_buf(), PathBuf::from);
     let names: Vec<String> = models
         .iter()
         .map(|m| m.file_name().unwrap().to_string_lossy().into_owned())
@@ -188,7 +190,7 @@ fn main() {
         }
     }
     for (label, dir, positives) in designs {
-        let design = tmp.path().join(dir);
+        let design = root.join(dir);
         write_design(&bundles[0], &data, &positives, &design);
         let val: Vec<f64> = models
             .iter()

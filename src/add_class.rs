@@ -135,6 +135,7 @@ pub fn run(o: &AddClassOptions) -> Result<Added> {
         height: h,
         width: w,
         pre_dim,
+        image_score: meta.image_score,
     }
     .to_onnx(Default::default())?;
     let head_file = crate::train::head_file(head_sd.tensors, &centers)

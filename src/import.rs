@@ -133,6 +133,7 @@ pub fn import_reference(opts: &ImportOptions) -> Result<Bundle> {
         height: h,
         width: w,
         pre_dim: opts.pre_dim.unwrap_or(head.embed_dim),
+        image_score: crate::model::score::ImageScore::PatchMax,
     };
     tracing::info!("writing the ONNX graph");
     let onnx = model.to_onnx(GraphOptions::default())?;
@@ -151,6 +152,7 @@ pub fn import_reference(opts: &ImportOptions) -> Result<Bundle> {
         backbone: backbone.kind.name().to_string(),
         embed_dim: head.embed_dim,
         patch_grid: [ha, wa],
+        image_score: crate::model::score::ImageScore::PatchMax,
         thresholds: BTreeMap::new(),
         provenance: Provenance {
             created_by: format!("cras {} import-reference", env!("CARGO_PKG_VERSION")),

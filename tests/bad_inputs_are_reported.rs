@@ -342,6 +342,22 @@ fn edited_model_fields_are_refused() {
     let (code, _, err) = infer();
     assert_eq!(code, 2);
     assert!(err.contains("at most 4 times the crop size"), "{err}");
+    // The image-score rule is written into the graph: naming another one in model.yaml
+    // is an edit of the model (a bundle without it used the paper's largest patch score).
+    assert!(!yaml.contains("image_score"), "{yaml}");
+    let rule = "image_score:\n  rule: map_top\n  fraction: 0.005\nthresholds:";
+    std::fs::write(&yaml_path, yaml.replacen("thresholds:", rule, 1)).unwrap();
+    let (code, _, err) = infer();
+    assert_eq!(code, 2);
+    assert!(err.contains("model fields"), "{err}");
+    let rule = "image_score:\n  rule: map_top\n  fraction: 2\nthresholds:";
+    std::fs::write(&yaml_path, yaml.replacen("thresholds:", rule, 1)).unwrap();
+    let (code, _, err) = infer();
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("image_score") && err.contains("(0, 1]"),
+        "{err}"
+    );
     // Thresholds are not model fields: calibration may change them.
     std::fs::write(&yaml_path, &yaml).unwrap();
     let (code, _, err) = infer();

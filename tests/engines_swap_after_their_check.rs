@@ -174,6 +174,7 @@ fn other_centers() -> Vec<u8> {
         height: 288,
         width: 288,
         pre_dim: 384,
+        image_score: cras::model::score::ImageScore::PatchMax,
     }
     .to_onnx(GraphOptions {
         debug_outputs: false,

@@ -45,6 +45,7 @@ fn check_stages(kind: EngineKind) {
         height: 288,
         width: 288,
         pre_dim: 384,
+        image_score: cras::model::score::ImageScore::PatchMax,
     };
     let onnx = model
         .to_onnx(GraphOptions {

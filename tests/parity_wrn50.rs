@@ -46,6 +46,7 @@ fn check_set(set: &Path, backbone: &Backbone, head: &CrasHead, kind: EngineKind)
         height: 288,
         width: 288,
         pre_dim: 1536,
+        image_score: cras::model::score::ImageScore::PatchMax,
     };
     let onnx = model
         .to_onnx(GraphOptions {

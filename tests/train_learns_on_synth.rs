@@ -84,6 +84,10 @@ fn trains_evaluates_and_calibrates() {
     assert_eq!(o["batch"], "16");
     assert_eq!(o["val_defects"], "crack");
     assert_eq!(o["val_defect_strength"], "0.1,0.3,1");
+    assert_eq!(
+        meta["image_score"],
+        serde_json::json!({"rule": "map_top", "fraction": 0.005})
+    );
     assert_eq!(meta["input"]["resize"], 128);
     assert!((meta["input"]["mean"][0].as_f64().unwrap() - 127.0 / 255.0).abs() < 1e-6);
     assert_eq!(
@@ -149,6 +153,33 @@ fn trains_evaluates_and_calibrates() {
     let line: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(line["verdict"] == "anomalous" || line["verdict"] == "normal");
     assert!(line["threshold"].as_f64().is_some());
+
+    // The image score is the mean of the top 0.5 % of the anomaly map (81 of 128 x 128
+    // pixels), as the bundle records: checked against the map `infer --out` writes.
+    let maps = dir.path().join("maps");
+    let (code, stdout, err) = cras(&[
+        "infer",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        maps.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let line: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let mut map = f32s(&maps.join("000.map.npy"));
+    assert_eq!(map.len(), 128 * 128);
+    map.sort_by(|a, b| b.total_cmp(a));
+    let top: f64 = map[..81].iter().map(|v| *v as f64).sum::<f64>() / 81.0;
+    let score = line["score"].as_f64().unwrap();
+    assert!(
+        (score - top).abs() <= 1e-5,
+        "score {score} vs top-81 mean {top}"
+    );
+    assert!(
+        score < map[0] as f64 || map[0] == map[80],
+        "a mean, not the max"
+    );
 }
 
 /// `--paper` trains with the paper's settings, recorded as such; explicit flags still
@@ -182,6 +213,7 @@ fn paper_recipe_is_the_papers_settings() {
     assert_eq!(o["noise_relative"], "-");
     assert_eq!(o["val_defect_strength"], "1");
     assert_eq!(o["val_defects"], "scratch,spot,missing,crack");
+    assert_eq!(meta.image_score, cras::model::score::ImageScore::PatchMax);
     // ImageNet scaling and the 329/288 margin, at 128 px: 146.
     assert_eq!(meta.input.resize, 146);
     assert!((meta.input.mean[0] - 0.485).abs() < 1e-6);

@@ -90,6 +90,12 @@ pub struct TrainArgs {
     /// painted ones do not (docs/decisions.md). They are never trained on.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["val_defects", "val_defect_strength"])]
     pub val_defect_images: Option<PathBuf>,
+    /// How the image score is taken from the anomaly map: map-top:FRACTION, the mean of
+    /// that fraction of the smoothed map's highest pixels, or patch-max, the largest
+    /// patch score (the paper's). Validation chooses the epoch with it and the graph
+    /// scores with it [default: map-top:0.005; --paper: patch-max]
+    #[arg(long, value_name = "RULE", value_parser = cras::model::score::ImageScore::parse)]
+    pub image_score: Option<cras::model::score::ImageScore>,
     /// Random seed (split, initialisation, noise, shuffling).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -162,6 +168,7 @@ impl TrainArgs {
             val_fraction: self.val_fraction,
             val_defect_strength: recipe.val_defect_strength,
             val_defects: recipe.val_defects,
+            image_score: recipe.image_score,
             val_defect_images: self.val_defect_images.clone(),
             restarts: self.restarts,
             recipe: if self.paper { "paper" } else { "default" }.into(),
@@ -205,6 +212,9 @@ impl TrainArgs {
         }
         if let Some(s) = &self.val_defect_strength {
             r.val_defect_strength = s.clone();
+        }
+        if let Some(rule) = self.image_score {
+            r.image_score = rule;
         }
         Ok(r)
     }

@@ -7,6 +7,7 @@
 //! calibration), where it came from (provenance) and the sha256 of `model.onnx`.
 //! Reading a bundle validates all of it; a changed `model.onnx` is rejected.
 
+use super::score::ImageScore;
 use crate::preprocess::InputSpec;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -44,6 +45,10 @@ pub struct BundleMeta {
     pub embed_dim: usize,
     /// Patch grid (rows, columns) of `patch_scores`.
     pub patch_grid: [usize; 2],
+    /// How the graph takes `image_score` (the paper's largest patch score in bundles
+    /// written before it was recorded).
+    #[serde(default, skip_serializing_if = "ImageScore::is_patch_max")]
+    pub image_score: ImageScore,
     /// Per-class thresholds; empty until `cras calibrate` (or an import) sets them.
     #[serde(default)]
     pub thresholds: BTreeMap<String, ClassThresholds>,
@@ -75,6 +80,9 @@ struct ModelFields<'a> {
     /// Skipped when empty, so bundles without a head keep the hash they were written with.
     #[serde(skip_serializing_if = "str::is_empty")]
     head_sha256: &'a str,
+    /// Skipped for the paper's rule, so bundles written before it keep their hash.
+    #[serde(skip_serializing_if = "ImageScore::is_patch_max")]
+    image_score: &'a ImageScore,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +143,7 @@ impl BundleMeta {
             patch_grid: self.patch_grid,
             onnx_sha256: &self.onnx_sha256,
             head_sha256: &self.head_sha256,
+            image_score: &self.image_score,
         };
         // Serialising plain numbers, strings and arrays cannot fail.
         sha256_hex(
@@ -191,6 +200,9 @@ impl BundleMeta {
             || i.mean.iter().any(|m| !m.is_finite())
         {
             return bad("input.std must be positive and input.mean finite".into());
+        }
+        if let Err(e) = self.image_score.check() {
+            return bad(format!("image_score: {e}"));
         }
         for (c, t) in &self.thresholds {
             if !self.classes.contains(c) {

@@ -10,6 +10,7 @@
 use super::aggregation;
 use super::embedding::{embedding, image_input};
 use super::head::{Centers, CrasHead};
+use super::score::ImageScore;
 use crate::backbone::{Backbone, BnMode};
 use crate::onnx::{Attr, Dim, ElemType, GraphBuilder};
 use crate::weights::WeightsError;
@@ -27,6 +28,8 @@ pub struct CrasModel<'a> {
     pub width: usize,
     /// Per-stage pooled width before fusion (the reference's pretrain_embed_dimension).
     pub pre_dim: usize,
+    /// How `image_score` is taken from the scores.
+    pub image_score: ImageScore,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,13 +139,9 @@ impl CrasModel<'_> {
         let (residual, q) = self.center_residual(&mut g, &f, &centers, &class_id);
         let s = self.scorer(&mut g, &f, &residual);
         let patch_scores = g.reshape(&s, &[0, ha as i64, wa as i64]);
-        let image_score = g.node(
-            "ReduceMax",
-            &[&patch_scores],
-            vec![("axes", Attr::Ints(vec![1, 2])), ("keepdims", Attr::Int(0))],
-        );
         let grid = g.reshape(&s, &[0, 1, ha as i64, wa as i64]);
         let map = map_stage(&mut g, &grid, h, w);
+        let image_score = self.image_score.graph(&mut g, &patch_scores, &map, h * w);
         let fixed = |v: usize| Dim::Fixed(v as i64);
         g.output(
             &map,
@@ -320,6 +319,7 @@ mod tests {
             height: 288,
             width: 288,
             pre_dim: d,
+            image_score: super::ImageScore::PatchMax,
         };
         let backbone_macs: u64 = 9408 * 20736
             + (204_800 + 2 * 212_992) * 5184

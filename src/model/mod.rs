@@ -7,3 +7,4 @@ pub mod graph;
 pub mod head;
 pub mod map;
 pub mod provenance;
+pub mod score;

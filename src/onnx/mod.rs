@@ -154,6 +154,26 @@ impl GraphBuilder {
         out
     }
 
+    /// A node with `count` outputs (TopK's values and indices, ...).
+    pub fn node_outputs(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<(&str, Attr)>,
+        count: usize,
+    ) -> Vec<String> {
+        let base = self.fresh(&op.to_ascii_lowercase());
+        let outputs: Vec<String> = (0..count).map(|i| format!("{base}_{i}")).collect();
+        self.nodes.push(Node {
+            op: op.to_string(),
+            name: format!("n_{base}"),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: outputs.clone(),
+            attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        });
+        outputs
+    }
+
     // ---- node families -------------------------------------------------------------
 
     /// 2-D convolution; `pads` is [top, left, bottom, right].

@@ -52,6 +52,8 @@ pub(super) struct TrainingData {
     pub val_good: usize,
     /// sha256 of the backbone weights file (provenance, cache key).
     pub weights_sha: String,
+    /// The patch grid (rows, columns) of every embedding.
+    pub grid: [usize; 2],
 }
 
 /// Image sources with their class index.
@@ -66,8 +68,9 @@ pub(super) fn prepare(
     o: &TrainOptions,
     classes: &[ClassData],
     backbone: &Backbone,
-    patches: usize,
+    grid: [usize; 2],
 ) -> Result<TrainingData> {
+    let patches = grid[0] * grid[1];
     let (train, val, val_good) = sources(o, classes)?;
     let n = val.files.len() - val_good;
     let positives = match &o.val_defect_images {
@@ -124,6 +127,7 @@ pub(super) fn prepare(
             .collect(),
         val_good,
         weights_sha,
+        grid,
     })
 }
 

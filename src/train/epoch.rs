@@ -9,9 +9,11 @@ use super::centers::CenterBank;
 use super::data::Split;
 use super::params::Params;
 use super::step::{Scratch, adapt, fit, forward_backward, scale_noise};
+use crate::model::score::ImageScore;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Images per call when scoring the validation set.
@@ -34,6 +36,16 @@ pub(super) struct Trainer {
     pub batch: usize,
     /// The CPU step's buffers, reused from step to step.
     pub scratch: Scratch,
+    /// How validation scores an image, as the exported graph will.
+    pub validation: ValidationScore,
+}
+
+/// The image score validation takes: the bundle's rule on the patch grid and map size.
+pub(super) struct ValidationScore {
+    pub rule: ImageScore,
+    pub grid: [usize; 2],
+    /// The anomaly map's size (the input's).
+    pub map: [usize; 2],
 }
 
 /// What one epoch did.
@@ -254,8 +266,8 @@ impl Trainer {
         Ok(crate::metrics::roc_auc(&scores, labels))
     }
 
-    /// Image scores (max patch score) of every image of `split`, in inference mode:
-    /// the class is chosen as inference chooses it.
+    /// Image scores of every image of `split` under the bundle's rule, in inference
+    /// mode: the class is chosen as inference chooses it.
     fn image_scores(&mut self, split: &Split) -> Result<Vec<f32>> {
         let p = split.cache.patches;
         let mut out = Vec::new();
@@ -270,13 +282,16 @@ impl Trainer {
             let s = self
                 .params
                 .score_logits(&input, false)?
-                .reshape((chunk.len(), p))?
-                .max_keepdim(1)?;
-            out.extend(
-                candle_nn::ops::sigmoid(&s)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            );
+                .reshape((chunk.len(), p))?;
+            let probs = candle_nn::ops::sigmoid(&s)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let v = &self.validation;
+            let scores: Vec<f32> = probs
+                .par_chunks(p)
+                .map(|patches| v.rule.of_patches(patches, v.grid, v.map))
+                .collect();
+            out.extend(scores);
         }
         Ok(out)
     }

@@ -60,6 +60,7 @@ pub(super) fn write_bundle(
         height: o.input.height,
         width: o.input.width,
         pre_dim: o.pre_dim,
+        image_score: o.image_score,
     };
     let onnx = model.to_onnx(GraphOptions::default())?;
     let state = &progress.state;
@@ -103,6 +104,7 @@ pub(super) fn write_bundle(
         backbone: o.backbone.name().to_string(),
         embed_dim: o.embed_dim,
         patch_grid,
+        image_score: o.image_score,
         thresholds: BTreeMap::new(),
         provenance: Provenance {
             created_by: format!("cras {} train", env!("CARGO_PKG_VERSION")),

@@ -76,6 +76,9 @@ pub struct TrainOptions {
     pub val_defect_strength: Vec<f64>,
     /// The kinds of synthetic defect validation positives are drawn from.
     pub val_defects: crate::synth::DefectKinds,
+    /// How the image score is taken: validation chooses the epoch with it and the
+    /// graph is written with it.
+    pub image_score: crate::model::score::ImageScore,
     /// Real defective images (`<dir>/<class>/*`) as the validation positives instead of
     /// painted ones.
     pub val_defect_images: Option<PathBuf>,
@@ -101,6 +104,7 @@ impl TrainOptions {
         if d < 2 || !d.is_multiple_of(2) {
             return bad("--embed-dim must be an even number >= 2".into());
         }
+        self.image_score.check().map_err(TrainError::Options)?;
         if self.batch == 0 || self.epochs == 0 {
             return bad("--batch and --epochs must be at least 1".into());
         }
@@ -171,7 +175,7 @@ pub fn train(
     let shape = [classes.len(), ha * wa, o.embed_dim];
 
     // 1. The seeded hold-out and every image's embedding, once.
-    let data = data::prepare(o, classes, &backbone, shape[1])?;
+    let data = data::prepare(o, classes, &backbone, [ha, wa])?;
 
     // 2-4. One run per seed (`--restarts`), each in its own checkpoint folder; the best
     // on validation is kept (ties: the earlier seed).

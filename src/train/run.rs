@@ -5,7 +5,7 @@ use super::adam::Adam;
 use super::centers::{CenterBank, CenterSums};
 use super::checkpoint::{Checkpoint, CheckpointState, Progress};
 use super::data::{Split, TrainingData};
-use super::epoch::{EpochStats, Trainer};
+use super::epoch::{EpochStats, Trainer, ValidationScore};
 use super::params::Params;
 use super::{Result, TrainError, TrainOptions, recipe};
 use crate::model::bundle::EpochRecord;
@@ -64,6 +64,11 @@ pub(super) fn train_once(
         noise_k: o.noise_k,
         batch: o.batch,
         scratch: Default::default(),
+        validation: ValidationScore {
+            rule: o.image_score,
+            grid: data.grid,
+            map: [o.input.height, o.input.width],
+        },
     };
     let mut progress = match sigma {
         Some(sigma) => Progress {
