@@ -7,7 +7,7 @@ mod common;
 
 use cras::engine::{EngineKind, EngineOptions};
 use cras::model::graph::{gaussian_kernel, map_stage, reflect_indices};
-use cras::model::score::{ImageScore, smoothed_map};
+use cras::model::score::{HostMap, ImageScore};
 use cras::onnx::{Dim, ElemType, GraphBuilder};
 
 #[test]
@@ -98,8 +98,9 @@ fn stored_sets() -> Vec<(&'static str, usize, Vec<f32>, Vec<f32>)> {
 #[test]
 fn host_map_matches_the_reference() {
     let sets = stored_sets();
+    let plan = HostMap::new([36, 36], [288, 288]);
     for (set, i, ps, want) in &sets {
-        let got = smoothed_map(ps, [36, 36], [288, 288]);
+        let got = plan.smooth(ps);
         let d = common::max_diff_where(&got, want, |_| true);
         assert!(d <= 1e-6, "{set} image {i}: host map differs by {d:e}");
     }
@@ -135,6 +136,7 @@ fn rule_graph(rule: ImageScore) -> Vec<u8> {
 
 fn check_rules(kind: EngineKind) {
     let sets = stored_sets();
+    let plan = HostMap::new([36, 36], [288, 288]);
     let rules = [
         ImageScore::PatchMax,
         ImageScore::MapTop { fraction: 0.005 },
@@ -150,7 +152,7 @@ fn check_rules(kind: EngineKind) {
         for (set, i, ps, map) in &sets {
             let out = engine.run(ps, [1, 1, 36, 36]).unwrap();
             let got = out[0].f32().unwrap()[0];
-            let host = rule.of_patches(ps, [36, 36], [288, 288]);
+            let host = rule.of_patches(ps, &plan);
             let scale = host.abs().max(1e-3);
             assert!(
                 ((got - host) / scale).abs() <= 1e-5,

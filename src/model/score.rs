@@ -118,12 +118,12 @@ impl ImageScore {
     }
 
     /// The image score of one image from its patch scores (probabilities, [h*w] row
-    /// major), as the graph computes it; `out` is the map's [H, W].
-    pub fn of_patches(&self, patches: &[f32], grid: [usize; 2], out: [usize; 2]) -> f32 {
+    /// major), as the graph computes it; `map` is the map stage for this grid and size.
+    pub fn of_patches(&self, patches: &[f32], map: &HostMap) -> f32 {
         match *self {
             ImageScore::PatchMax => patches.iter().copied().fold(f32::NEG_INFINITY, f32::max),
             ImageScore::MapTop { fraction } => {
-                let mut map = smoothed_map(patches, grid, out);
+                let mut map = map.smooth(patches);
                 let k = Self::top_count(fraction, map.len());
                 map.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
                 let sum: f64 = map[..k].iter().map(|v| *v as f64).sum();
@@ -133,70 +133,97 @@ impl ImageScore {
     }
 }
 
-/// The graph's map stage on the host: `patches` [h, w] upsampled bilinearly
-/// (half-pixel centers, edges clamped) to `out` [H, W], then smoothed with the
-/// Gaussian (sigma 4, truncate 4, reflecting borders), rows first. Every pass runs
-/// along contiguous rows, so the inner loops vectorise.
-pub fn smoothed_map(patches: &[f32], grid: [usize; 2], out: [usize; 2]) -> Vec<f32> {
-    let [h, w] = grid;
-    let [oh, ow] = out;
-    let taps = |len: usize, to: usize| -> Vec<(usize, usize, f32)> {
-        (0..to)
-            .map(|i| {
-                let src = ((i as f64 + 0.5) * len as f64 / to as f64 - 0.5).max(0.0);
-                let i0 = (src.floor() as usize).min(len - 1);
-                let i1 = (i0 + 1).min(len - 1);
-                (i0, i1, (src - i0 as f64) as f32)
+/// The graph's map stage on the host, for one patch grid and map size: `[h, w]`
+/// patch scores upsampled bilinearly (half-pixel centers, edges clamped) to `[H, W]`,
+/// then smoothed with the Gaussian (sigma 4, truncate 4, reflecting borders), rows
+/// first. The weights and indices are worked out once; every pass runs along
+/// contiguous rows, so the inner loops vectorise.
+pub struct HostMap {
+    grid: [usize; 2],
+    out: [usize; 2],
+    /// Per output row / column: the two source indices and the second one's weight.
+    taps_y: Vec<(usize, usize, f32)>,
+    taps_x: Vec<(usize, usize, f32)>,
+    kernel: Vec<f32>,
+    /// Reflected source rows / columns of the Gaussian window, radius included.
+    rows: Vec<i64>,
+    cols: Vec<i64>,
+}
+
+impl HostMap {
+    pub fn new(grid: [usize; 2], out: [usize; 2]) -> HostMap {
+        let taps = |len: usize, to: usize| -> Vec<(usize, usize, f32)> {
+            (0..to)
+                .map(|i| {
+                    let src = ((i as f64 + 0.5) * len as f64 / to as f64 - 0.5).max(0.0);
+                    let i0 = (src.floor() as usize).min(len - 1);
+                    let i1 = (i0 + 1).min(len - 1);
+                    (i0, i1, (src - i0 as f64) as f32)
+                })
+                .collect()
+        };
+        let kernel: Vec<f32> = gaussian_kernel(MAP_SIGMA, MAP_TRUNCATE)
+            .iter()
+            .map(|v| *v as f32)
+            .collect();
+        let r = kernel.len() / 2;
+        HostMap {
+            grid,
+            out,
+            taps_y: taps(grid[0], out[0]),
+            taps_x: taps(grid[1], out[1]),
+            rows: reflect_indices(out[0], r),
+            cols: reflect_indices(out[1], r),
+            kernel,
+        }
+    }
+
+    /// The smoothed `[H, W]` map of `patches` (`[h * w]`, row major).
+    pub fn smooth(&self, patches: &[f32]) -> Vec<f32> {
+        let w = self.grid[1];
+        let [oh, ow] = self.out;
+        let k = &self.kernel;
+        // Bilinear: along each patch row first, then between the rows.
+        let wide: Vec<f32> = patches
+            .chunks_exact(w)
+            .flat_map(|row| {
+                self.taps_x
+                    .iter()
+                    .map(|&(x0, x1, fx)| row[x0] * (1.0 - fx) + row[x1] * fx)
             })
-            .collect()
-    };
-    // Bilinear: along each patch row first, then between the rows.
-    let tx = taps(w, ow);
-    let wide: Vec<f32> = patches
-        .chunks_exact(w)
-        .flat_map(|row| {
-            tx.iter()
-                .map(|&(x0, x1, fx)| row[x0] * (1.0 - fx) + row[x1] * fx)
-        })
-        .collect();
-    let mut up = vec![0f32; oh * ow];
-    for (dst, &(y0, y1, fy)) in up.chunks_exact_mut(ow).zip(&taps(h, oh)) {
-        let (a, b) = (&wide[y0 * ow..][..ow], &wide[y1 * ow..][..ow]);
-        for ((d, a), b) in dst.iter_mut().zip(a).zip(b) {
-            *d = a * (1.0 - fy) + b * fy;
-        }
-    }
-    let k: Vec<f32> = gaussian_kernel(MAP_SIGMA, MAP_TRUNCATE)
-        .iter()
-        .map(|v| *v as f32)
-        .collect();
-    let r = k.len() / 2;
-    // Down the columns: each output row is a weighted sum of whole (reflected) rows.
-    let rows = reflect_indices(oh, r);
-    let mut v = vec![0f32; oh * ow];
-    for (y, dst) in v.chunks_exact_mut(ow).enumerate() {
-        for (kv, &sy) in k.iter().zip(&rows[y..y + k.len()]) {
-            let src = &up[sy as usize * ow..][..ow];
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d += kv * s;
+            .collect();
+        let mut up = vec![0f32; oh * ow];
+        for (dst, &(y0, y1, fy)) in up.chunks_exact_mut(ow).zip(&self.taps_y) {
+            let (a, b) = (&wide[y0 * ow..][..ow], &wide[y1 * ow..][..ow]);
+            for ((d, a), b) in dst.iter_mut().zip(a).zip(b) {
+                *d = a * (1.0 - fy) + b * fy;
             }
         }
-    }
-    // Along the rows, over each row padded by reflection.
-    let cols = reflect_indices(ow, r);
-    let mut padded = vec![0f32; ow + 2 * r];
-    let mut smooth = vec![0f32; oh * ow];
-    for (src, dst) in v.chunks_exact(ow).zip(smooth.chunks_exact_mut(ow)) {
-        for (p, &sx) in padded.iter_mut().zip(&cols) {
-            *p = src[sx as usize];
-        }
-        for (j, kv) in k.iter().enumerate() {
-            for (d, s) in dst.iter_mut().zip(&padded[j..j + ow]) {
-                *d += kv * s;
+        // Down the columns: each output row is a weighted sum of whole (reflected) rows.
+        let mut v = vec![0f32; oh * ow];
+        for (y, dst) in v.chunks_exact_mut(ow).enumerate() {
+            for (kv, &sy) in k.iter().zip(&self.rows[y..y + k.len()]) {
+                let src = &up[sy as usize * ow..][..ow];
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d += kv * s;
+                }
             }
         }
+        // Along the rows, over each row padded by reflection.
+        let mut padded = vec![0f32; self.cols.len()];
+        let mut smooth = vec![0f32; oh * ow];
+        for (src, dst) in v.chunks_exact(ow).zip(smooth.chunks_exact_mut(ow)) {
+            for (p, &sx) in padded.iter_mut().zip(&self.cols) {
+                *p = src[sx as usize];
+            }
+            for (j, kv) in k.iter().enumerate() {
+                for (d, s) in dst.iter_mut().zip(&padded[j..j + ow]) {
+                    *d += kv * s;
+                }
+            }
+        }
+        smooth
     }
-    smooth
 }
 
 #[cfg(test)]
@@ -232,10 +259,11 @@ mod tests {
     #[ignore]
     fn time_one_map() {
         let p: Vec<f32> = (0..36 * 36).map(|i| (i % 7) as f32 / 7.0).collect();
+        let plan = HostMap::new([36, 36], [288, 288]);
         let t = std::time::Instant::now();
         let mut s = 0.0;
         for _ in 0..100 {
-            s += DEFAULT_IMAGE_SCORE.of_patches(&p, [36, 36], [288, 288]);
+            s += DEFAULT_IMAGE_SCORE.of_patches(&p, &plan);
         }
         println!("{:.3} ms per image ({s})", t.elapsed().as_secs_f64() * 10.0);
     }
@@ -252,24 +280,23 @@ mod tests {
 
     #[test]
     fn a_flat_map_stays_flat_and_a_spot_spreads() {
-        let flat = smoothed_map(&[0.25; 16], [4, 4], [32, 32]);
+        let flat = HostMap::new([4, 4], [32, 32]).smooth(&[0.25; 16]);
         assert!(flat.iter().all(|v| (v - 0.25).abs() < 1e-6));
         // One hot patch: the map keeps its mass near it, and the top mean lies between
         // the map's own max and the background.
         let mut p = vec![0.0f32; 36 * 36];
         p[18 * 36 + 18] = 1.0;
-        let map = smoothed_map(&p, [36, 36], [288, 288]);
+        let plan = HostMap::new([36, 36], [288, 288]);
+        let map = plan.smooth(&p);
         let max = map.iter().copied().fold(0.0, f32::max);
-        let top = ImageScore::MapTop { fraction: 0.005 }.of_patches(&p, [36, 36], [288, 288]);
+        let top = ImageScore::MapTop { fraction: 0.005 }.of_patches(&p, &plan);
         assert!(top > 0.0 && top < max, "top {top} max {max}");
-        assert_eq!(
-            ImageScore::PatchMax.of_patches(&p, [36, 36], [288, 288]),
-            1.0
-        );
+        assert_eq!(ImageScore::PatchMax.of_patches(&p, &plan), 1.0);
         // The whole map (fraction 1) of a small map is its mean.
         let small: Vec<f32> = (0..16).map(|i| i as f32 / 16.0).collect();
-        let map = smoothed_map(&small, [4, 4], [32, 32]);
-        let all = ImageScore::MapTop { fraction: 1.0 }.of_patches(&small, [4, 4], [32, 32]);
+        let plan = HostMap::new([4, 4], [32, 32]);
+        let map = plan.smooth(&small);
+        let all = ImageScore::MapTop { fraction: 1.0 }.of_patches(&small, &plan);
         let mean = map.iter().map(|v| *v as f64).sum::<f64>() / map.len() as f64;
         assert!((all as f64 - mean).abs() < 1e-6, "{all} vs {mean}");
     }

@@ -143,18 +143,11 @@ impl GraphBuilder {
 
     /// A node with one output.
     pub fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>) -> String {
-        let out = self.fresh(&op.to_ascii_lowercase());
-        self.nodes.push(Node {
-            op: op.to_string(),
-            name: format!("n_{out}"),
-            inputs: inputs.iter().map(|s| s.to_string()).collect(),
-            outputs: vec![out.clone()],
-            attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-        });
-        out
+        self.node_outputs(op, inputs, attrs, 1).remove(0)
     }
 
-    /// A node with `count` outputs (TopK's values and indices, ...).
+    /// A node with `count` outputs (TopK's values and indices, ...), named after the
+    /// node (`<op>_<n>`, then `_<i>` when there are several).
     pub fn node_outputs(
         &mut self,
         op: &str,
@@ -163,7 +156,10 @@ impl GraphBuilder {
         count: usize,
     ) -> Vec<String> {
         let base = self.fresh(&op.to_ascii_lowercase());
-        let outputs: Vec<String> = (0..count).map(|i| format!("{base}_{i}")).collect();
+        let outputs: Vec<String> = match count {
+            1 => vec![base.clone()],
+            _ => (0..count).map(|i| format!("{base}_{i}")).collect(),
+        };
         self.nodes.push(Node {
             op: op.to_string(),
             name: format!("n_{base}"),

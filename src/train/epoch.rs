@@ -9,7 +9,7 @@ use super::centers::CenterBank;
 use super::data::Split;
 use super::params::Params;
 use super::step::{Scratch, adapt, fit, forward_backward, scale_noise};
-use crate::model::score::ImageScore;
+use crate::model::score::{HostMap, ImageScore};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -40,12 +40,11 @@ pub(super) struct Trainer {
     pub validation: ValidationScore,
 }
 
-/// The image score validation takes: the bundle's rule on the patch grid and map size.
+/// The image score validation takes: the bundle's rule, with the map stage for the
+/// patch grid and the input size worked out once.
 pub(super) struct ValidationScore {
     pub rule: ImageScore,
-    pub grid: [usize; 2],
-    /// The anomaly map's size (the input's).
-    pub map: [usize; 2],
+    pub map: HostMap,
 }
 
 /// What one epoch did.
@@ -289,7 +288,7 @@ impl Trainer {
             let v = &self.validation;
             let scores: Vec<f32> = probs
                 .par_chunks(p)
-                .map(|patches| v.rule.of_patches(patches, v.grid, v.map))
+                .map(|patches| v.rule.of_patches(patches, &v.map))
                 .collect();
             out.extend(scores);
         }

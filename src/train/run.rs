@@ -9,6 +9,7 @@ use super::epoch::{EpochStats, Trainer, ValidationScore};
 use super::params::Params;
 use super::{Result, TrainError, TrainOptions, recipe};
 use crate::model::bundle::EpochRecord;
+use crate::model::score::HostMap;
 use crate::path_error::PathError;
 use crate::rng::Rng;
 use candle_core::Device;
@@ -66,8 +67,7 @@ pub(super) fn train_once(
         scratch: Default::default(),
         validation: ValidationScore {
             rule: o.image_score,
-            grid: data.grid,
-            map: [o.input.height, o.input.width],
+            map: HostMap::new(data.grid, [o.input.height, o.input.width]),
         },
     };
     let mut progress = match sigma {
