@@ -281,6 +281,7 @@ fn main() {
             width: 288,
             pre_dim: 384,
             image_score: cras::model::score::ImageScore::PatchMax,
+            views: Default::default(),
         };
         if wanted("lite0-d384") {
             bench("lite0-d384", &model, 20);
@@ -314,6 +315,7 @@ fn main() {
             width: 288,
             pre_dim: 1536,
             image_score: cras::model::score::ImageScore::PatchMax,
+            views: Default::default(),
         };
         bench("wrn50-d1536 (paper)", &model, 5);
     }

@@ -12,16 +12,15 @@
 //! adaptor and the scorer are the same numbers, and an image's class is the argmax over
 //! classes, which only moves if the new class's center is the nearest one.
 
-use crate::backbone::{Backbone, BackboneKind};
 use crate::calibrate::{score, threshold_from_good};
 use crate::engine::{EngineKind, EngineOptions};
-use crate::model::bundle::{AddedClass, Bundle, ClassThresholds, sha256_file};
+use crate::model::bundle::{AddedClass, Bundle, ClassThresholds};
 use crate::model::graph::{CrasModel, embedding_graph};
 use crate::model::head::{Centers, CrasHead};
 use crate::path_error::PathError;
 use crate::preprocess;
 use crate::tool_error::{Result, ToolError};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 pub struct AddClassOptions {
@@ -56,48 +55,7 @@ pub fn run(o: &AddClassOptions) -> Result<Added> {
     let mut head_sd = old.read_head()?;
     let stored_centers = head_sd.tensors.remove(crate::train::CENTERS_KEY);
     let meta = &old.meta;
-    let kind = BackboneKind::parse(&meta.backbone)
-        .map_err(|e| ToolError::Data(format!("{}: {e}", o.model.display())))?;
-    let weights_sha =
-        sha256_file(&o.backbone_weights).map_err(PathError::on("read", &o.backbone_weights))?;
-    match meta.provenance.sources.get("backbone") {
-        Some(src) if src.sha256 == weights_sha => {}
-        Some(src) => {
-            return Err(ToolError::Options(format!(
-                "{}: these backbone weights (sha256 {}) are not the ones the model was trained with \
-                 ({}, sha256 {}); give those with --backbone {}=PATH",
-                o.backbone_weights.display(),
-                &weights_sha[..12],
-                src.file,
-                &src.sha256[..src.sha256.len().min(12)],
-                meta.backbone
-            )));
-        }
-        None => {
-            return Err(ToolError::Data(format!(
-                "{}: model.yaml records no backbone hash to check the weights against",
-                o.model.display()
-            )));
-        }
-    }
-    let mut backbone = Backbone::load(kind, &o.backbone_weights)?;
-    if meta
-        .provenance
-        .notes
-        .get(crate::import::BN_REPLAY_NOTE)
-        .map(String::as_str)
-        == Some("true")
-    {
-        // An imported model whose backbone went through the reference's train-mode
-        // pass: the new class must see the same backbone, and the rebuilt graph keep it.
-        crate::import::replay_train_mode_pass(
-            &mut backbone,
-            meta.input.height,
-            meta.input.width,
-            EngineKind::Onnxruntime,
-            &o.engine_options,
-        )?;
-    }
+    let backbone = crate::rebuild::trained_backbone(&old, &o.backbone_weights, &o.engine_options)?;
     let class = crate::dataset::open(&o.data, std::slice::from_ref(&o.class))?
         .pop()
         .ok_or_else(|| ToolError::Data(format!("class `{}`: not found", o.class)))?;
@@ -110,7 +68,7 @@ pub fn run(o: &AddClassOptions) -> Result<Added> {
 
     // The centers: the mean embedding per patch, then the trained adaptor.
     let head = CrasHead::from_state_dict(&head_sd)?;
-    let pre_dim = recorded_pre_dim(&old);
+    let pre_dim = crate::rebuild::recorded_pre_dim(&old);
     let (h, w, d) = (meta.input.height, meta.input.width, meta.embed_dim);
     let patches = meta.patch_grid[0] * meta.patch_grid[1];
     let graph = embedding_graph(&backbone, h, w, pre_dim, d)?;
@@ -119,7 +77,8 @@ pub fn run(o: &AddClassOptions) -> Result<Added> {
     let new_centers = adapt(&head, &mean.values, patches);
     drop(engine);
 
-    let old_centers = head_centers(stored_centers, [meta.classes.len(), patches, d], &old.dir)?;
+    let old_centers =
+        crate::rebuild::head_centers(stored_centers, [meta.classes.len(), patches, d], &old.dir)?;
     let mut data = old_centers;
     data.extend_from_slice(&new_centers);
     let centers = Centers {
@@ -136,6 +95,7 @@ pub fn run(o: &AddClassOptions) -> Result<Added> {
         width: w,
         pre_dim,
         image_score: meta.image_score,
+        views: meta.views.clone(),
     }
     .to_onnx(Default::default())?;
     let head_file = crate::train::head_file(head_sd.tensors, &centers)
@@ -202,53 +162,7 @@ fn check_target(o: &AddClassOptions, old: &Bundle) -> Result<()> {
             old.meta.classes.join(", ")
         )));
     }
-    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if same(&o.out, &o.model) || o.out.join(crate::model::bundle::YAML_FILE).exists() {
-        return Err(ToolError::Options(format!(
-            "--out {}: a bundle is already there; the new version goes to a new folder, so \
-             the model it came from stays as it is",
-            o.out.display()
-        )));
-    }
-    Ok(())
-}
-
-/// The per-stage pooled width the model was trained with.
-fn recorded_pre_dim(b: &Bundle) -> usize {
-    let p = &b.meta.provenance;
-    p.training
-        .as_ref()
-        .and_then(|t| t.options.get("pretrain_embed_dim"))
-        .or_else(|| p.notes.get("pretrain_embed_dim"))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(b.meta.embed_dim)
-}
-
-/// The centers stored in `head.safetensors`, [classes, patches, dim].
-fn head_centers(
-    stored: Option<crate::weights::Tensor>,
-    shape: [usize; 3],
-    dir: &Path,
-) -> Result<Vec<f32>> {
-    let bad = |why: String| {
-        ToolError::Data(format!(
-            "{}: head.safetensors does not fit model.yaml: {why}",
-            dir.display()
-        ))
-    };
-    let t = stored.ok_or_else(|| bad(format!("no `{}` tensor", crate::train::CENTERS_KEY)))?;
-    if t.shape != shape {
-        return Err(bad(format!(
-            "centers are {:?}, model.yaml says {shape:?}",
-            t.shape
-        )));
-    }
-    t.as_f32()
-        .map(<[f32]>::to_vec)
-        .ok_or_else(|| bad("the centers are not float32".into()))
+    crate::rebuild::check_out(&o.out, &o.model)
 }
 
 struct MeanEmbedding {

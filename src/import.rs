@@ -134,6 +134,7 @@ pub fn import_reference(opts: &ImportOptions) -> Result<Bundle> {
         width: w,
         pre_dim: opts.pre_dim.unwrap_or(head.embed_dim),
         image_score: crate::model::score::ImageScore::PatchMax,
+        views: Default::default(),
     };
     tracing::info!("writing the ONNX graph");
     let onnx = model.to_onnx(GraphOptions::default())?;
@@ -153,6 +154,7 @@ pub fn import_reference(opts: &ImportOptions) -> Result<Bundle> {
         embed_dim: head.embed_dim,
         patch_grid: [ha, wa],
         image_score: crate::model::score::ImageScore::PatchMax,
+        views: Default::default(),
         thresholds: BTreeMap::new(),
         provenance: Provenance {
             created_by: format!("cras {} import-reference", env!("CARGO_PKG_VERSION")),

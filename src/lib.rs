@@ -21,6 +21,7 @@ pub mod overlay;
 pub mod path_error;
 pub mod prepare_engine;
 pub mod preprocess;
+pub mod rebuild;
 pub mod rng;
 pub mod setup;
 pub mod synth;

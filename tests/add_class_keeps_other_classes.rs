@@ -12,23 +12,7 @@ use std::path::{Path, PathBuf};
 /// A calibrated two-class model (checker, grain) with the default recipe, at 128 px.
 fn two_class_model(dir: &Path, data: &Path) -> PathBuf {
     let model = dir.join("m2");
-    let bb = format!("efficientnet_lite0={}", lite0_weights().display());
-    let (code, _, err) = cras(&[
-        "train",
-        "--data",
-        data.to_str().unwrap(),
-        "--classes",
-        "checker,grain",
-        "--backbone",
-        &bb,
-        "--out",
-        model.to_str().unwrap(),
-        "--image-size",
-        "128",
-        "--embed-dim",
-        "128",
-    ]);
-    assert_eq!(code, 0, "train: {err}");
+    train_128(data, "checker,grain", &model, &["--embed-dim", "128"]);
     let (code, _, err) = cras(&[
         "calibrate",
         "--model",
@@ -80,19 +64,6 @@ fn infer(model: &Path, imgs: &[String], out: &Path) -> (Vec<serde_json::Value>, 
         lines,
         maps.iter().map(|p| std::fs::read(p).unwrap()).collect(),
     )
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 fn file_hashes(dir: &Path) -> Vec<(PathBuf, String)> {

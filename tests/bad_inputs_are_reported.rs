@@ -358,6 +358,17 @@ fn edited_model_fields_are_refused() {
         err.contains("image_score") && err.contains("(0, 1]"),
         "{err}"
     );
+    // So are the test-time views: adding one is an edit, naming a view badly is named.
+    let views = "views:\n- original\n- rotate180\nthresholds:";
+    std::fs::write(&yaml_path, yaml.replacen("thresholds:", views, 1)).unwrap();
+    let (code, _, err) = infer();
+    assert_eq!(code, 2);
+    assert!(err.contains("model fields"), "{err}");
+    let views = "views:\n- rotate180\nthresholds:";
+    std::fs::write(&yaml_path, yaml.replacen("thresholds:", views, 1)).unwrap();
+    let (code, _, err) = infer();
+    assert_eq!(code, 2);
+    assert!(err.contains("first view must be `original`"), "{err}");
     // Thresholds are not model fields: calibration may change them.
     std::fs::write(&yaml_path, &yaml).unwrap();
     let (code, _, err) = infer();

@@ -175,6 +175,7 @@ fn other_centers() -> Vec<u8> {
         width: 288,
         pre_dim: 384,
         image_score: cras::model::score::ImageScore::PatchMax,
+        views: Default::default(),
     }
     .to_onnx(GraphOptions {
         debug_outputs: false,

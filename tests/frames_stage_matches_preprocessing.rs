@@ -237,17 +237,3 @@ fn frames_stage_scores_match_on_the_lite0_fixture() {
     assert!(score_d <= 1e-3, "scores differ by {score_d}");
     assert!(map_d <= 0.1, "maps differ by {map_d}");
 }
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
-}

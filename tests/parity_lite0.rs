@@ -46,6 +46,7 @@ fn check_stages(kind: EngineKind) {
         width: 288,
         pre_dim: 384,
         image_score: cras::model::score::ImageScore::PatchMax,
+        views: Default::default(),
     };
     let onnx = model
         .to_onnx(GraphOptions {

@@ -47,6 +47,7 @@ fn check_set(set: &Path, backbone: &Backbone, head: &CrasHead, kind: EngineKind)
         width: 288,
         pre_dim: 1536,
         image_score: cras::model::score::ImageScore::PatchMax,
+        views: Default::default(),
     };
     let onnx = model
         .to_onnx(GraphOptions {

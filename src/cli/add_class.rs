@@ -1,6 +1,6 @@
 //! `cras add-class`: a new product class in a trained model, without training.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use cras::backbone::BackboneSpec;
 use std::path::PathBuf;
@@ -46,14 +46,7 @@ impl AddClassArgs {
                 self.holdout_fraction
             );
         }
-        let backbone = match self.backbone {
-            Some(b) => b,
-            None => {
-                let meta = cras::model::bundle::Bundle::read(&self.model)?.meta;
-                cras::setup::backbone_spec(&meta.backbone)
-                    .with_context(|| format!("the backbone of {}", self.model.display()))?
-            }
-        };
+        let backbone = super::trained_backbone(&self.model, self.backbone)?;
         let out = self.out.clone().unwrap_or_else(|| {
             let mut name = self.model.as_os_str().to_owned();
             name.push(format!("+{}", self.class));

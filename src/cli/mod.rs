@@ -11,15 +11,16 @@ mod engine;
 mod eval;
 mod import;
 mod infer;
+mod rebuild;
 mod run;
 mod setup;
 mod synth;
 mod train;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cras::engine::{EngineKind, EngineOptions, Provider};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -59,6 +60,9 @@ enum Command {
     /// Add a product class to a trained model without retraining: its centers from its
     /// good images under the trained adaptor, its thresholds, a new bundle beside the old.
     AddClass(add_class::AddClassArgs),
+    /// Write a trained model's graph again with other test-time views or image score, as a
+    /// new bundle (no training; calibrate it afterwards).
+    Rebuild(rebuild::RebuildArgs),
     /// Set per-class alarm thresholds in model.yaml (see docs/calibration in `cras calibrate --help`).
     Calibrate(calibrate::CalibrateArgs),
     /// GPU engines: `cras engine prepare` builds and checks a TensorRT engine ahead of time.
@@ -79,6 +83,7 @@ impl Cli {
             Command::Demo(a) => a.run(),
             Command::Calibrate(a) => a.run(),
             Command::AddClass(a) => a.run(),
+            Command::Rebuild(a) => a.run(),
             Command::Engine(a) => a.run(),
         }
     }
@@ -164,5 +169,21 @@ pub fn init_logging(cli: &Cli) {
         builder.without_time().init();
     } else {
         builder.init();
+    }
+}
+
+/// The backbone weights a trained bundle needs: those given, or the ones `cras setup`
+/// installed for the bundle's backbone.
+fn trained_backbone(
+    model: &Path,
+    given: Option<cras::backbone::BackboneSpec>,
+) -> Result<cras::backbone::BackboneSpec> {
+    match given {
+        Some(b) => Ok(b),
+        None => {
+            let meta = cras::model::bundle::Bundle::read(model)?.meta;
+            cras::setup::backbone_spec(&meta.backbone)
+                .with_context(|| format!("the backbone of {}", model.display()))
+        }
     }
 }

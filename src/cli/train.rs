@@ -96,6 +96,13 @@ pub struct TrainArgs {
     /// scores with it [default: map-top:0.005; --paper: patch-max]
     #[arg(long, value_name = "RULE", value_parser = cras::model::score::ImageScore::parse)]
     pub image_score: Option<cras::model::score::ImageScore>,
+    /// The orientations the graph scores each image in, their maps averaged: original
+    /// first, then any of flip_h, flip_v, rotate180. Each view costs one more pass of
+    /// the whole model per image; validation still scores the original alone. Off by
+    /// default: on ELPV they helped painted validation but not the test (docs/decisions.md)
+    /// [default: original]
+    #[arg(long, value_name = "VIEWS", value_parser = cras::model::views::Views::parse)]
+    pub views: Option<cras::model::views::Views>,
     /// Random seed (split, initialisation, noise, shuffling).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -169,6 +176,7 @@ impl TrainArgs {
             val_defect_strength: recipe.val_defect_strength,
             val_defects: recipe.val_defects,
             image_score: recipe.image_score,
+            views: recipe.views,
             val_defect_images: self.val_defect_images.clone(),
             restarts: self.restarts,
             recipe: if self.paper { "paper" } else { "default" }.into(),
@@ -215,6 +223,9 @@ impl TrainArgs {
         }
         if let Some(rule) = self.image_score {
             r.image_score = rule;
+        }
+        if let Some(views) = &self.views {
+            r.views = views.clone();
         }
         Ok(r)
     }

@@ -8,6 +8,7 @@
 //! Reading a bundle validates all of it; a changed `model.onnx` is rejected.
 
 use super::score::ImageScore;
+use super::views::Views;
 use crate::preprocess::InputSpec;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -49,6 +50,10 @@ pub struct BundleMeta {
     /// written before it was recorded).
     #[serde(default, skip_serializing_if = "ImageScore::is_patch_max")]
     pub image_score: ImageScore,
+    /// The orientations the graph scores each image in (the original alone in bundles
+    /// written before views existed).
+    #[serde(default, skip_serializing_if = "Views::is_original")]
+    pub views: Views,
     /// Per-class thresholds; empty until `cras calibrate` (or an import) sets them.
     #[serde(default)]
     pub thresholds: BTreeMap<String, ClassThresholds>,
@@ -83,6 +88,9 @@ struct ModelFields<'a> {
     /// Skipped for the paper's rule, so bundles written before it keep their hash.
     #[serde(skip_serializing_if = "ImageScore::is_patch_max")]
     image_score: &'a ImageScore,
+    /// Skipped for the original alone, so bundles written before views keep their hash.
+    #[serde(skip_serializing_if = "Views::is_original")]
+    views: &'a Views,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +152,7 @@ impl BundleMeta {
             onnx_sha256: &self.onnx_sha256,
             head_sha256: &self.head_sha256,
             image_score: &self.image_score,
+            views: &self.views,
         };
         // Serialising plain numbers, strings and arrays cannot fail.
         sha256_hex(

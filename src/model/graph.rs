@@ -11,6 +11,7 @@ use super::aggregation;
 use super::embedding::{embedding, image_input};
 use super::head::{Centers, CrasHead};
 use super::score::ImageScore;
+use super::views::Views;
 use crate::backbone::{Backbone, BnMode};
 use crate::onnx::{Attr, Dim, ElemType, GraphBuilder};
 use crate::weights::WeightsError;
@@ -30,6 +31,8 @@ pub struct CrasModel<'a> {
     pub pre_dim: usize,
     /// How `image_score` is taken from the scores.
     pub image_score: ImageScore,
+    /// The orientations each image is scored in; their maps are averaged.
+    pub views: Views,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +113,8 @@ impl CrasModel<'_> {
             + self.head.tail.len() as u64 * p;
         let taps = gaussian_kernel(MAP_SIGMA, MAP_TRUNCATE).len() as u64;
         let map = 2 * taps * (self.height * self.width) as u64;
-        Ok(backbone + aggregation + adaptor + class_choice + center_search + scorer + map)
+        let per_view = backbone + aggregation + adaptor + class_choice + center_search + scorer;
+        Ok((per_view + map) * self.views.count() as u64)
     }
 
     /// Builds the ONNX model bytes.
@@ -120,7 +124,9 @@ impl CrasModel<'_> {
         let n = Dim::Sym("N");
         let (h, w) = (self.height, self.width);
         let d = self.head.embed_dim;
-        let x = image_input(&mut g, n.clone(), h, w);
+        let image = image_input(&mut g, n.clone(), h, w);
+        // Every view runs as one batch; `f` and what follows hold V*N images.
+        let x = self.views.expand(&mut g, &image, h, w);
         let emb = embedding(&mut g, self.backbone, &x, h, w, self.pre_dim, d)?;
         let ((ha, wa), _) = self.backbone.stage_sizes(h, w);
         let f = g.linear(
@@ -135,12 +141,16 @@ impl CrasModel<'_> {
             &[self.centers.classes * ha * wa, d],
             self.centers.data.clone(),
         );
-        let class_id = self.class_choice(&mut g, &f, &centers);
-        let (residual, q) = self.center_residual(&mut g, &f, &centers, &class_id);
+        let view_class = self.class_choice(&mut g, &f, &centers);
+        let (residual, q) = self.center_residual(&mut g, &f, &centers, &view_class);
         let s = self.scorer(&mut g, &f, &residual);
         let patch_scores = g.reshape(&s, &[0, ha as i64, wa as i64]);
         let grid = g.reshape(&s, &[0, 1, ha as i64, wa as i64]);
         let map = map_stage(&mut g, &grid, h, w);
+        // The views read back and averaged (nothing is added for the original alone).
+        let map = self.views.combine(&mut g, &map, &[1, h, w]);
+        let patch_scores = self.views.combine(&mut g, &patch_scores, &[ha, wa]);
+        let class_id = self.views.first(&mut g, &view_class);
         let image_score = self.image_score.graph(&mut g, &patch_scores, &map, h * w);
         let fixed = |v: usize| Dim::Fixed(v as i64);
         g.output(
@@ -320,6 +330,7 @@ mod tests {
             width: 288,
             pre_dim: d,
             image_score: super::ImageScore::PatchMax,
+            views: Views::default(),
         };
         let backbone_macs: u64 = 9408 * 20736
             + (204_800 + 2 * 212_992) * 5184

@@ -8,3 +8,4 @@ pub mod head;
 pub mod map;
 pub mod provenance;
 pub mod score;
+pub mod views;

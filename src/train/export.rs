@@ -61,6 +61,7 @@ pub(super) fn write_bundle(
         width: o.input.width,
         pre_dim: o.pre_dim,
         image_score: o.image_score,
+        views: o.views.clone(),
     };
     let onnx = model.to_onnx(GraphOptions::default())?;
     let state = &progress.state;
@@ -105,6 +106,7 @@ pub(super) fn write_bundle(
         embed_dim: o.embed_dim,
         patch_grid,
         image_score: o.image_score,
+        views: o.views.clone(),
         thresholds: BTreeMap::new(),
         provenance: Provenance {
             created_by: format!("cras {} train", env!("CARGO_PKG_VERSION")),

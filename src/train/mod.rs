@@ -79,6 +79,8 @@ pub struct TrainOptions {
     /// How the image score is taken: validation chooses the epoch with it and the
     /// graph is written with it.
     pub image_score: crate::model::score::ImageScore,
+    /// The orientations the graph scores each image in (validation scores the original).
+    pub views: crate::model::views::Views,
     /// Real defective images (`<dir>/<class>/*`) as the validation positives instead of
     /// painted ones.
     pub val_defect_images: Option<PathBuf>,

@@ -10,6 +10,7 @@
 
 use crate::backbone::BackboneKind;
 use crate::model::score::{DEFAULT_IMAGE_SCORE, ImageScore};
+use crate::model::views::Views;
 use crate::preprocess::Normalization;
 use crate::synth::DefectKinds;
 
@@ -49,6 +50,8 @@ pub struct Recipe {
     pub val_defect_strength: Vec<f64>,
     /// How the image score is taken from the scores (validation and the graph).
     pub image_score: ImageScore,
+    /// The orientations the graph scores each image in.
+    pub views: Views,
 }
 
 /// How the shorter side is resized before the square centre crop.
@@ -88,6 +91,7 @@ impl Recipe {
             val_defects: DefectKinds::CRACK,
             val_defect_strength: vec![0.1, 0.3, 1.0],
             image_score: DEFAULT_IMAGE_SCORE,
+            views: Views::default(),
         }
     }
 
@@ -106,6 +110,7 @@ impl Recipe {
             val_defects: DefectKinds::ALL,
             val_defect_strength: vec![1.0],
             image_score: ImageScore::PatchMax,
+            views: Views::default(),
         }
     }
 }

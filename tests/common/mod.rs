@@ -80,6 +80,43 @@ pub fn synth_line(dir: &Path) {
     assert_eq!(code, 0, "{err}");
 }
 
+/// `cras train` on `classes` of `data` at 128 px with the real Lite0 weights, the
+/// default recipe plus `extra` flags, into `out`; panics with train's errors on failure.
+pub fn train_128(data: &Path, classes: &str, out: &Path, extra: &[&str]) {
+    let bb = format!("efficientnet_lite0={}", lite0_weights().display());
+    let mut args = vec![
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--classes",
+        classes,
+        "--backbone",
+        &bb,
+        "--out",
+        out.to_str().unwrap(),
+        "--image-size",
+        "128",
+    ];
+    args.extend(extra);
+    let (code, _, err) = cras(&args);
+    assert_eq!(code, 0, "train: {err}");
+}
+
+/// Every file under `dir`, sorted.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
 pub fn f32s(path: &Path) -> Vec<f32> {
     match npy::read_file(path).unwrap().data {
         TensorData::F32(v) => v,
