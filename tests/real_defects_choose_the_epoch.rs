@@ -273,4 +273,33 @@ fn restarts_keep_the_best_run_and_it_is_that_seeds_run() {
         .unwrap()
         .meta;
     assert_eq!(best.onnx_sha256, single.onnx_sha256);
+
+    // --resume after the third run was lost (interrupted before its first epoch): the
+    // first two continue from their finished checkpoints, the third trains afresh, and
+    // the kept model and the runs' records are the same as without the interruption.
+    std::fs::remove_dir_all(dir.join("best.work").join("restart-2")).unwrap();
+    std::fs::remove_dir_all(dir.join("best")).unwrap();
+    let (code, err) = train(
+        &data,
+        dir,
+        "best",
+        &[
+            "--val-defect-images",
+            defects,
+            "--restarts",
+            "3",
+            "--resume",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(err.matches("resuming at epoch 3").count(), 2, "{err}");
+    assert!(err.contains("restart-2; starting afresh"), "{err}");
+    let resumed = cras::model::bundle::Bundle::read(&dir.join("best"))
+        .unwrap()
+        .meta;
+    assert_eq!(resumed.onnx_sha256, best.onnx_sha256);
+    let records = |m: &cras::model::bundle::BundleMeta| {
+        serde_json::to_string(&m.provenance.training.as_ref().unwrap().restarts).unwrap()
+    };
+    assert_eq!(records(&resumed), records(&best));
 }

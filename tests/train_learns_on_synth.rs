@@ -289,6 +289,25 @@ fn same_seed_same_model_and_resume_continues() {
         "{other}"
     );
 
+    // Resuming with another image score is refused: the history would compare figures
+    // of two rules.
+    let (out, work) = (dir.path().join("a"), dir.path().join("a.work"));
+    let mut args = train_args(
+        &bb,
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        work.to_str().unwrap(),
+        "3",
+    );
+    args.extend(["--resume", "--image-score", "patch-max"]);
+    let (code, _, err) = cras(&args);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("scored validation with image score map-top:0.005, not patch-max"),
+        "{err}"
+    );
+    assert_eq!(sha("a"), sha("b"), "the refused resume wrote nothing");
+
     let (c, err) = run("a", "3", true);
     assert_eq!(c, 0, "{err}");
     assert!(err.contains("resuming at epoch 3"), "{err}");

@@ -30,11 +30,15 @@ pub(super) struct CheckpointState {
     /// The noise sigma in use (fixed at the start of the run).
     #[serde(default)]
     pub noise_sigma: Option<f64>,
+    /// The image score validation chose epochs with (`--image-score`'s spelling); absent
+    /// in checkpoints written before it was recorded.
+    #[serde(default)]
+    pub validation_rule: Option<String>,
 }
 
 impl CheckpointState {
     /// A run that has not completed an epoch yet.
-    pub fn fresh(noise_sigma: f64) -> CheckpointState {
+    pub fn fresh(noise_sigma: f64, validation_rule: String) -> CheckpointState {
         CheckpointState {
             next_epoch: 0,
             rng_state: (0, 0),
@@ -44,6 +48,7 @@ impl CheckpointState {
             best_epoch: None,
             best_auroc: None,
             noise_sigma: Some(noise_sigma),
+            validation_rule: Some(validation_rule),
         }
     }
 }

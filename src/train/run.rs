@@ -72,7 +72,7 @@ pub(super) fn train_once(
     };
     let mut progress = match sigma {
         Some(sigma) => Progress {
-            state: CheckpointState::fresh(sigma),
+            state: CheckpointState::fresh(sigma, o.image_score.label()),
             best: None,
         },
         None => {
@@ -82,6 +82,7 @@ pub(super) fn train_once(
                 progress.state.next_epoch + 1,
                 folder.display()
             );
+            check_rule(&progress.state, o, folder)?;
             progress
         }
     };
@@ -209,4 +210,26 @@ fn record_epoch(
     state.scorer_step = t.scorer_opt.step;
     state.rng_state = t.rng.state();
     Ok(())
+}
+
+/// A resumed run must choose its epochs with the rule its earlier epochs were scored
+/// with: a history of two rules' figures would select on numbers that do not compare.
+fn check_rule(state: &CheckpointState, o: &TrainOptions, folder: &std::path::Path) -> Result<()> {
+    let now = o.image_score.label();
+    match &state.validation_rule {
+        Some(rule) if *rule != now => Err(TrainError::Options(format!(
+            "the checkpoint in {} scored validation with image score {rule}, not {now}; \
+             resume with --image-score {rule}, or train again without --resume",
+            folder.display()
+        ))),
+        Some(_) => Ok(()),
+        None => {
+            tracing::warn!(
+                "the checkpoint in {} does not record its validation's image score (an older run); \
+                 if it was not {now}, its epochs' figures compare two rules",
+                folder.display()
+            );
+            Ok(())
+        }
+    }
 }
