@@ -113,8 +113,9 @@ impl CrasModel<'_> {
             + self.head.tail.len() as u64 * p;
         let taps = gaussian_kernel(MAP_SIGMA, MAP_TRUNCATE).len() as u64;
         let map = 2 * taps * (self.height * self.width) as u64;
-        let per_view = backbone + aggregation + adaptor + class_choice + center_search + scorer;
-        Ok((per_view + map) * self.views.count() as u64)
+        // Every view runs the whole model but the class choice, made on the original.
+        let per_view = backbone + aggregation + adaptor + center_search + scorer + map;
+        Ok(per_view * self.views.count() as u64 + class_choice)
     }
 
     /// Builds the ONNX model bytes.
@@ -141,7 +142,11 @@ impl CrasModel<'_> {
             &[self.centers.classes * ha * wa, d],
             self.centers.data.clone(),
         );
-        let view_class = self.class_choice(&mut g, &f, &centers);
+        // The class is chosen on the original, and every view is judged against its
+        // centers.
+        let original = self.views.first(&mut g, &f, &[ha * wa, d]);
+        let class_id = self.class_choice(&mut g, &original, &centers);
+        let view_class = self.views.repeat(&mut g, &class_id);
         let (residual, q) = self.center_residual(&mut g, &f, &centers, &view_class);
         let s = self.scorer(&mut g, &f, &residual);
         let patch_scores = g.reshape(&s, &[0, ha as i64, wa as i64]);
@@ -150,7 +155,6 @@ impl CrasModel<'_> {
         // The views read back and averaged (nothing is added for the original alone).
         let map = self.views.combine(&mut g, &map, &[1, h, w]);
         let patch_scores = self.views.combine(&mut g, &patch_scores, &[ha, wa]);
-        let class_id = self.views.first(&mut g, &view_class);
         let image_score = self.image_score.graph(&mut g, &patch_scores, &map, h * w);
         let fixed = |v: usize| Dim::Fixed(v as i64);
         g.output(
@@ -349,5 +353,15 @@ mod tests {
             + 324 * (d / 2) * 36
             + 2 * 33 * 288 * 288;
         assert_eq!(model.macs_per_image().unwrap(), backbone_macs + head_macs);
+        // Two views run everything twice but the class choice (2 * P * D), made once.
+        let views = CrasModel {
+            views: Views::parse("original,rotate180").unwrap(),
+            ..model
+        };
+        let class_choice = 2 * p * d;
+        assert_eq!(
+            views.macs_per_image().unwrap(),
+            2 * (backbone_macs + head_macs) - class_choice
+        );
     }
 }

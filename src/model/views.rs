@@ -130,14 +130,26 @@ impl Views {
         g.node("Concat", &refs, vec![("axis", Attr::Int(0))])
     }
 
-    /// The first view's part of a [V*N, ...] result: [N, ...] (the class choice).
-    pub fn first(&self, g: &mut GraphBuilder, x: &str) -> String {
+    /// The original's part of a [V*N, ..dims] tensor: [N, ..dims].
+    pub fn first(&self, g: &mut GraphBuilder, x: &str, dims: &[usize]) -> String {
         if self.is_original() {
             return x.to_string();
         }
-        let by_view = g.reshape(x, &[self.count() as i64, -1]);
+        let mut shape = vec![self.count() as i64, -1];
+        shape.extend(dims.iter().map(|d| *d as i64));
+        let by_view = g.reshape(x, &shape);
         let zero = g.init_i64("view", &[], vec![0]);
         g.node("Gather", &[&by_view, &zero], vec![("axis", Attr::Int(0))])
+    }
+
+    /// The first view's [N] result repeated for every view: [V*N] (each view is judged
+    /// against the class the original chose).
+    pub fn repeat(&self, g: &mut GraphBuilder, x: &str) -> String {
+        if self.is_original() {
+            return x.to_string();
+        }
+        let copies = vec![x; self.count()];
+        g.node("Concat", &copies, vec![("axis", Attr::Int(0))])
     }
 
     /// Combines the views of a [V*N, ..dims] probability map (rows and columns last)
