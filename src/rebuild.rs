@@ -9,7 +9,7 @@
 
 use crate::backbone::{Backbone, BackboneKind};
 use crate::engine::{EngineKind, EngineOptions};
-use crate::model::bundle::{Bundle, HEAD_FILE, YAML_FILE, sha256_file};
+use crate::model::bundle::{Bundle, YAML_FILE, sha256_file};
 use crate::model::graph::CrasModel;
 use crate::model::head::{Centers, CrasHead};
 use crate::model::score::ImageScore;
@@ -65,9 +65,9 @@ pub fn run(o: &RebuildOptions) -> Result<Bundle> {
         views: meta.views.clone(),
     }
     .to_onnx(Default::default())?;
-    // The head is the same bytes: read_head checked them against model.yaml.
-    let head_path = old.dir.join(HEAD_FILE);
-    let head_bytes = std::fs::read(&head_path).map_err(PathError::on("read", &head_path))?;
+    // The head as read and checked, written out again with its centers.
+    let head_bytes = crate::train::head_file(head_sd.tensors, &centers)
+        .map_err(PathError::on("serialise the head", &o.out))?;
     meta.thresholds.clear();
     meta.provenance.notes.insert(
         REBUILT_FROM_NOTE.into(),

@@ -121,6 +121,8 @@ fn views_combine_the_single_view_maps_and_rebuild_switches_them() {
     let single_meta = cras::model::bundle::Bundle::read(&single).unwrap().meta;
     assert!(single_meta.views.is_original() && single_meta.thresholds.is_empty());
     assert_ne!(single_meta.onnx_sha256, meta.onnx_sha256);
+    // The trained head and centers are carried over unchanged.
+    assert_eq!(single_meta.head_sha256, meta.head_sha256);
     let yaml = std::fs::read_to_string(single.join("model.yaml")).unwrap();
     assert!(
         !yaml.contains("views:"),
