@@ -130,14 +130,19 @@ impl Views {
         g.node("Concat", &refs, vec![("axis", Attr::Int(0))])
     }
 
+    /// A [V*N, ..dims] tensor as [V, N, ..dims].
+    fn by_view(&self, g: &mut GraphBuilder, x: &str, dims: &[usize]) -> String {
+        let mut shape = vec![self.count() as i64, -1];
+        shape.extend(dims.iter().map(|d| *d as i64));
+        g.reshape(x, &shape)
+    }
+
     /// The original's part of a [V*N, ..dims] tensor: [N, ..dims].
     pub fn first(&self, g: &mut GraphBuilder, x: &str, dims: &[usize]) -> String {
         if self.is_original() {
             return x.to_string();
         }
-        let mut shape = vec![self.count() as i64, -1];
-        shape.extend(dims.iter().map(|d| *d as i64));
-        let by_view = g.reshape(x, &shape);
+        let by_view = self.by_view(g, x, dims);
         let zero = g.init_i64("view", &[], vec![0]);
         g.node("Gather", &[&by_view, &zero], vec![("axis", Attr::Int(0))])
     }
@@ -165,24 +170,21 @@ impl Views {
         let Some(&h) = rest.last() else {
             return x.to_string();
         };
-        let mut shape = vec![self.count() as i64, -1];
-        shape.extend(dims.iter().map(|d| *d as i64));
-        let by_view = g.reshape(x, &shape);
+        let by_view = self.by_view(g, x, dims);
         // After taking one view, [N, ..dims]: rows are the second-to-last axis.
         let row_axis = dims.len() as i64 - 1;
-        let mut sum: Option<String> = None;
-        for (i, v) in self.0.iter().enumerate() {
-            let idx = g.init_i64("view", &[], vec![i as i64]);
-            let one = g.node("Gather", &[&by_view, &idx], vec![("axis", Attr::Int(0))]);
-            let back = orient(g, &one, *v, row_axis, h, w);
-            let l = logit(g, &back);
-            sum = Some(match sum {
-                None => l,
-                Some(s) => g.add(&s, &l),
-            });
-        }
+        let logits: Vec<String> = (self.0.iter().enumerate())
+            .map(|(i, v)| {
+                let idx = g.init_i64("view", &[], vec![i as i64]);
+                let one = g.node("Gather", &[&by_view, &idx], vec![("axis", Attr::Int(0))]);
+                let back = orient(g, &one, *v, row_axis, h, w);
+                logit(g, &back)
+            })
+            .collect();
+        // A Views holds at least the original, so the fold starts from a real logit.
+        let sum = (logits[1..].iter()).fold(logits[0].clone(), |s, l| g.add(&s, l));
         let inv = g.init_f32("views_inv", &[], vec![1.0 / self.count() as f32]);
-        let mean = g.node("Mul", &[sum.as_deref().unwrap_or(x), &inv], vec![]);
+        let mean = g.node("Mul", &[&sum, &inv], vec![]);
         g.node("Sigmoid", &[&mean], vec![])
     }
 }
