@@ -7,7 +7,7 @@
 mod proto;
 pub mod signature;
 
-use proto::Encoder;
+use proto::{Encoder, encode_node, encode_tensor, encode_value_info};
 
 pub const OPSET: i64 = 17;
 const IR_VERSION: i64 = 8;
@@ -366,87 +366,4 @@ pub struct BatchNormParams {
     pub running_mean: Vec<f32>,
     pub running_var: Vec<f32>,
     pub eps: f32,
-}
-
-fn encode_node(n: &Node) -> Vec<u8> {
-    let mut e = Encoder::new();
-    for i in &n.inputs {
-        e.string(1, i);
-    }
-    for o in &n.outputs {
-        e.string(2, o);
-    }
-    e.string(3, &n.name);
-    e.string(4, &n.op);
-    for (name, a) in &n.attrs {
-        let mut ae = Encoder::new();
-        ae.string(1, name);
-        match a {
-            Attr::Float(f) => {
-                ae.float(2, *f);
-                ae.int(20, 1);
-            }
-            Attr::Int(i) => {
-                ae.int(3, *i);
-                ae.int(20, 2);
-            }
-            Attr::Str(s) => {
-                ae.bytes(4, s.as_bytes());
-                ae.int(20, 3);
-            }
-            Attr::Ints(v) => {
-                ae.packed_ints(8, v);
-                ae.int(20, 7);
-            }
-        }
-        e.message(5, &ae.into_bytes());
-    }
-    e.into_bytes()
-}
-
-fn encode_tensor(t: &Initializer) -> Vec<u8> {
-    let mut e = Encoder::new();
-    e.packed_ints(1, &t.dims);
-    match &t.data {
-        InitData::F32(v) => {
-            e.int(2, ElemType::F32 as i64);
-            e.string(8, &t.name);
-            let mut raw = Vec::with_capacity(v.len() * 4);
-            for x in v {
-                raw.extend_from_slice(&x.to_le_bytes());
-            }
-            e.bytes(9, &raw);
-        }
-        InitData::I64(v) => {
-            e.int(2, ElemType::I64 as i64);
-            e.string(8, &t.name);
-            let mut raw = Vec::with_capacity(v.len() * 8);
-            for x in v {
-                raw.extend_from_slice(&x.to_le_bytes());
-            }
-            e.bytes(9, &raw);
-        }
-    }
-    e.into_bytes()
-}
-
-fn encode_value_info(v: &ValueInfo) -> Vec<u8> {
-    let mut shape = Encoder::new();
-    for d in &v.dims {
-        let mut de = Encoder::new();
-        match d {
-            Dim::Fixed(n) => de.int(1, *n),
-            Dim::Sym(s) => de.string(2, s),
-        }
-        shape.message(1, &de.into_bytes());
-    }
-    let mut tensor = Encoder::new();
-    tensor.int(1, v.elem as i64);
-    tensor.message(2, &shape.into_bytes());
-    let mut ty = Encoder::new();
-    ty.message(1, &tensor.into_bytes());
-    let mut e = Encoder::new();
-    e.string(1, &v.name);
-    e.message(2, &ty.into_bytes());
-    e.into_bytes()
 }

@@ -1,5 +1,7 @@
 //! Protobuf wire-format encoding (varints and length-delimited fields): the subset the
-//! ONNX writer needs.
+//! ONNX writer needs, and the ONNX messages built from it (nodes, tensors, value infos).
+
+use super::{Attr, Dim, ElemType, InitData, Initializer, Node, ValueInfo};
 
 pub struct Encoder {
     buf: Vec<u8>,
@@ -58,6 +60,92 @@ impl Encoder {
         }
         self.bytes(field, &inner.buf);
     }
+}
+
+/// A NodeProto.
+pub(super) fn encode_node(n: &Node) -> Vec<u8> {
+    let mut e = Encoder::new();
+    for i in &n.inputs {
+        e.string(1, i);
+    }
+    for o in &n.outputs {
+        e.string(2, o);
+    }
+    e.string(3, &n.name);
+    e.string(4, &n.op);
+    for (name, a) in &n.attrs {
+        let mut ae = Encoder::new();
+        ae.string(1, name);
+        match a {
+            Attr::Float(f) => {
+                ae.float(2, *f);
+                ae.int(20, 1);
+            }
+            Attr::Int(i) => {
+                ae.int(3, *i);
+                ae.int(20, 2);
+            }
+            Attr::Str(s) => {
+                ae.bytes(4, s.as_bytes());
+                ae.int(20, 3);
+            }
+            Attr::Ints(v) => {
+                ae.packed_ints(8, v);
+                ae.int(20, 7);
+            }
+        }
+        e.message(5, &ae.into_bytes());
+    }
+    e.into_bytes()
+}
+
+/// A TensorProto with its data as raw little-endian bytes.
+pub(super) fn encode_tensor(t: &Initializer) -> Vec<u8> {
+    let mut e = Encoder::new();
+    e.packed_ints(1, &t.dims);
+    match &t.data {
+        InitData::F32(v) => {
+            e.int(2, ElemType::F32 as i64);
+            e.string(8, &t.name);
+            let mut raw = Vec::with_capacity(v.len() * 4);
+            for x in v {
+                raw.extend_from_slice(&x.to_le_bytes());
+            }
+            e.bytes(9, &raw);
+        }
+        InitData::I64(v) => {
+            e.int(2, ElemType::I64 as i64);
+            e.string(8, &t.name);
+            let mut raw = Vec::with_capacity(v.len() * 8);
+            for x in v {
+                raw.extend_from_slice(&x.to_le_bytes());
+            }
+            e.bytes(9, &raw);
+        }
+    }
+    e.into_bytes()
+}
+
+/// A ValueInfoProto (name and tensor type with its shape).
+pub(super) fn encode_value_info(v: &ValueInfo) -> Vec<u8> {
+    let mut shape = Encoder::new();
+    for d in &v.dims {
+        let mut de = Encoder::new();
+        match d {
+            Dim::Fixed(n) => de.int(1, *n),
+            Dim::Sym(s) => de.string(2, s),
+        }
+        shape.message(1, &de.into_bytes());
+    }
+    let mut tensor = Encoder::new();
+    tensor.int(1, v.elem as i64);
+    tensor.message(2, &shape.into_bytes());
+    let mut ty = Encoder::new();
+    ty.message(1, &tensor.into_bytes());
+    let mut e = Encoder::new();
+    e.string(1, &v.name);
+    e.message(2, &ty.into_bytes());
+    e.into_bytes()
 }
 
 #[cfg(test)]
