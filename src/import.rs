@@ -1,7 +1,7 @@
 //! `cras import-reference`: turns a model trained with the authors' PyTorch code
 //! (`ckpt_best_*.pth` + `center.pth` + the backbone weights it used) into a bundle.
 
-use crate::backbone::{Backbone, BackboneKind, BackboneSpec};
+use crate::backbone::{Backbone, BackboneSpec};
 use crate::engine::{EngineKind, EngineOptions};
 use crate::model::bundle::{
     Bundle, BundleMeta, FORMAT_VERSION, Provenance, SourceFile, sha256_file,
@@ -44,7 +44,7 @@ pub fn replay_train_mode_pass(
     engine: EngineKind,
     opts: &EngineOptions,
 ) -> Result<()> {
-    if backbone.kind == BackboneKind::EfficientnetLite0 {
+    if backbone.kind.is_lite() {
         tracing::warn!(
             "EfficientNet's train-mode pass also applies random drop-connect, which cannot be \
              replayed; statistics are replayed without it, so they only approximate the reference's"

@@ -16,14 +16,18 @@ pub enum BackboneKind {
     Resnet18,
     Resnet50,
     EfficientnetLite0,
+    EfficientnetLite1,
+    EfficientnetLite2,
 }
 
 impl BackboneKind {
-    pub const ALL: [BackboneKind; 4] = [
+    pub const ALL: [BackboneKind; 6] = [
         BackboneKind::WideResnet50_2,
         BackboneKind::Resnet18,
         BackboneKind::Resnet50,
         BackboneKind::EfficientnetLite0,
+        BackboneKind::EfficientnetLite1,
+        BackboneKind::EfficientnetLite2,
     ];
 
     pub fn name(self) -> &'static str {
@@ -32,7 +36,24 @@ impl BackboneKind {
             BackboneKind::Resnet18 => "resnet18",
             BackboneKind::Resnet50 => "resnet50",
             BackboneKind::EfficientnetLite0 => "efficientnet_lite0",
+            BackboneKind::EfficientnetLite1 => "efficientnet_lite1",
+            BackboneKind::EfficientnetLite2 => "efficientnet_lite2",
         }
+    }
+
+    /// The EfficientNet-Lite shape, for the Lite backbones.
+    fn lite(self) -> Option<&'static efficientnet::Variant> {
+        match self {
+            BackboneKind::EfficientnetLite0 => Some(&efficientnet::LITE0),
+            BackboneKind::EfficientnetLite1 => Some(&efficientnet::LITE1),
+            BackboneKind::EfficientnetLite2 => Some(&efficientnet::LITE2),
+            _ => None,
+        }
+    }
+
+    /// Whether this is one of the EfficientNet-Lite backbones.
+    pub fn is_lite(self) -> bool {
+        self.lite().is_some()
     }
 
     pub fn parse(s: &str) -> Result<Self, BackboneSpecError> {
@@ -43,31 +64,26 @@ impl BackboneKind {
     }
 
     /// The embedding width D a model on this backbone gets unless told otherwise: the
-    /// paper's 1536 for the ResNets; 384 for Lite0, whose two stages have 40 + 112
-    /// channels, so a wider embedding would only repeat them.
+    /// paper's 1536 for the ResNets; 384 for the Lite models, whose two stages have
+    /// 152-168 channels, so a wider embedding would only repeat them.
     pub fn default_embed_dim(self) -> usize {
-        match self {
-            BackboneKind::EfficientnetLite0 => 384,
-            _ => 1536,
-        }
+        if self.is_lite() { 384 } else { 1536 }
     }
 
     /// The input scaling the backbone's pretrained weights were trained with: TF-Lite's
-    /// (pixel - 127) / 128 for EfficientNet-Lite0, ImageNet's mean/std for the ResNets.
+    /// (pixel - 127) / 128 for EfficientNet-Lite, ImageNet's mean/std for the ResNets.
     pub fn native_normalization(self) -> crate::preprocess::Normalization {
-        match self {
-            BackboneKind::EfficientnetLite0 => crate::preprocess::Normalization::Tflite,
-            _ => crate::preprocess::Normalization::Imagenet,
+        if self.is_lite() {
+            crate::preprocess::Normalization::Tflite
+        } else {
+            crate::preprocess::Normalization::Imagenet
         }
     }
 
     /// BatchNorm momentum of the original training code (used to replay the reference's
     /// train-mode pass): torchvision 0.1, EfficientNet (TF port) 0.01.
     pub fn bn_momentum(self) -> f64 {
-        match self {
-            BackboneKind::EfficientnetLite0 => 0.01,
-            _ => 0.1,
-        }
+        if self.is_lite() { 0.01 } else { 0.1 }
     }
 }
 
@@ -78,7 +94,9 @@ pub enum BackboneSpecError {
     Unknown(String),
     #[error("expected NAME=PATH (e.g. efficientnet_lite0=weights.pth), got `{0}`")]
     NoPath(String),
-    #[error("{0}: give the weights as NAME=PATH (only efficientnet_lite0 has installable weights)")]
+    #[error(
+        "{0}: give the weights as NAME=PATH (only the efficientnet_lite backbones have installable weights)"
+    )]
     NotInstallable(String),
 }
 
@@ -185,34 +203,31 @@ impl Backbone {
 
     /// Every (key, shape) the architecture's state dict holds (BatchNorm counters aside).
     pub fn expected_keys(kind: BackboneKind) -> Vec<(String, Vec<usize>)> {
-        match kind {
-            BackboneKind::EfficientnetLite0 => efficientnet::expected_keys(),
-            _ => resnet::expected_keys(kind),
+        match kind.lite() {
+            Some(v) => efficientnet::expected_keys(v),
+            None => resnet::expected_keys(kind),
         }
     }
 
     /// Channels of stage A (stride 8) and stage B (stride 16).
     pub fn stage_channels(&self) -> (usize, usize) {
-        match self.kind {
-            BackboneKind::EfficientnetLite0 => (40, 112),
-            BackboneKind::Resnet18 => (128, 256),
-            BackboneKind::Resnet50 | BackboneKind::WideResnet50_2 => (512, 1024),
+        match (self.kind.lite(), self.kind) {
+            (Some(v), _) => v.stage_channels(),
+            (None, BackboneKind::Resnet18) => (128, 256),
+            (None, _) => (512, 1024),
         }
     }
 
     /// Spatial sizes (h, w) of stage A and stage B for an input of h x w.
     pub fn stage_sizes(&self, h: usize, w: usize) -> ((usize, usize), (usize, usize)) {
-        match self.kind {
-            BackboneKind::EfficientnetLite0 => efficientnet::stage_sizes(h, w),
-            _ => resnet::stage_sizes(h, w),
+        match self.kind.lite() {
+            Some(v) => efficientnet::stage_sizes(v, h, w),
+            None => resnet::stage_sizes(h, w),
         }
     }
 
     pub(crate) fn bn(&self, prefix: &str, c: usize) -> Result<BatchNormParams, WeightsError> {
-        let eps = match self.kind {
-            BackboneKind::EfficientnetLite0 => 1e-3,
-            _ => 1e-5,
-        };
+        let eps = if self.kind.is_lite() { 1e-3 } else { 1e-5 };
         Ok(BatchNormParams {
             weight: self
                 .weights
@@ -248,9 +263,9 @@ impl Backbone {
             macs: 0,
             conv_macs_per_position: 0,
         };
-        let (a, b) = match self.kind {
-            BackboneKind::EfficientnetLite0 => efficientnet::build(&mut ctx, x, h, w)?,
-            _ => resnet::build(&mut ctx, x, h, w)?,
+        let (a, b) = match self.kind.lite() {
+            Some(v) => efficientnet::build(&mut ctx, v, x, h, w)?,
+            None => resnet::build(&mut ctx, x, h, w)?,
         };
         Ok(BackboneOutputs {
             stage_a: a,

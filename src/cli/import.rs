@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 #[derive(Args)]
 pub struct ImportArgs {
-    /// Backbone as NAME=WEIGHTS (wide_resnet50_2, resnet18, resnet50, efficientnet_lite0;
+    /// Backbone as NAME=WEIGHTS (wide_resnet50_2, resnet18, resnet50, efficientnet_lite0/1/2;
     /// .pth or .safetensors state dict with the original key names), or NAME alone for
     /// weights `cras setup --backbone NAME` installed.
     #[arg(long, value_name = "NAME[=PATH]", value_parser = cras::setup::backbone_spec)]

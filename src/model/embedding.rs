@@ -1,6 +1,7 @@
 //! The frozen part of the model written into a graph: the backbone and the aggregation
-//! into patch embeddings; alone as the embedding graph training caches, and the
-//! backbone with train-mode BatchNorm for replaying the reference's statistics pass.
+//! into patch embeddings; alone as the embedding graph training caches, the backbone
+//! alone (its stage maps, for parity checks), and the backbone with train-mode
+//! BatchNorm for replaying the reference's statistics pass.
 
 use super::aggregation;
 use super::graph::GraphError;
@@ -95,6 +96,24 @@ pub fn embedding_graph(
         vec![n, Dim::Fixed((ha * wa) as i64), Dim::Fixed(d as i64)],
     );
     Ok(g.to_bytes("cras_embedding", "cras"))
+}
+
+/// A graph from `image` [1,3,H,W] to the backbone's two stage maps, `stage_a` and
+/// `stage_b` [1,C,h,w]: the backbone alone, for checking it against a reference port.
+pub fn stages_graph(backbone: &Backbone, h: usize, w: usize) -> Result<Vec<u8>, GraphError> {
+    let mut g = GraphBuilder::new();
+    let x = image_input(&mut g, Dim::Fixed(1), h, w);
+    let out = backbone.build(&mut g, &x, h, w, BnMode::Eval)?;
+    let (ca, cb) = backbone.stage_channels();
+    let ((ha, wa), (hb, wb)) = backbone.stage_sizes(h, w);
+    for (value, name, dims) in [
+        (&out.stage_a, "stage_a", [1, ca, ha, wa]),
+        (&out.stage_b, "stage_b", [1, cb, hb, wb]),
+    ] {
+        let dims = dims.map(|n| Dim::Fixed(n as i64)).to_vec();
+        g.output(value, name, ElemType::F32, dims);
+    }
+    Ok(g.to_bytes("cras_stages", "cras"))
 }
 
 /// The backbone-only graph that replays a train-mode pass, and the BatchNorm layers

@@ -16,7 +16,9 @@ use crate::backbone::{Backbone, BnMode};
 use crate::onnx::{Attr, Dim, ElemType, GraphBuilder};
 use crate::weights::WeightsError;
 
-pub use super::embedding::{BnReplayGraph, Embedding, bn_replay_graph, embedding_graph};
+pub use super::embedding::{
+    BnReplayGraph, Embedding, bn_replay_graph, embedding_graph, stages_graph,
+};
 pub use super::map::{MAP_SIGMA, MAP_TRUNCATE, gaussian_kernel, map_stage, reflect_indices};
 
 /// Everything the graph needs.

