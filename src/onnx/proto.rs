@@ -103,27 +103,24 @@ pub(super) fn encode_node(n: &Node) -> Vec<u8> {
 pub(super) fn encode_tensor(t: &Initializer) -> Vec<u8> {
     let mut e = Encoder::new();
     e.packed_ints(1, &t.dims);
-    match &t.data {
-        InitData::F32(v) => {
-            e.int(2, ElemType::F32 as i64);
-            e.string(8, &t.name);
-            let mut raw = Vec::with_capacity(v.len() * 4);
-            for x in v {
-                raw.extend_from_slice(&x.to_le_bytes());
-            }
-            e.bytes(9, &raw);
-        }
-        InitData::I64(v) => {
-            e.int(2, ElemType::I64 as i64);
-            e.string(8, &t.name);
-            let mut raw = Vec::with_capacity(v.len() * 8);
-            for x in v {
-                raw.extend_from_slice(&x.to_le_bytes());
-            }
-            e.bytes(9, &raw);
-        }
-    }
+    // Field 2: element type; 8: name; 9: raw_data, little-endian.
+    let (elem, raw) = match &t.data {
+        InitData::F32(v) => (ElemType::F32, le_bytes(v, f32::to_le_bytes)),
+        InitData::I64(v) => (ElemType::I64, le_bytes(v, i64::to_le_bytes)),
+    };
+    e.int(2, elem as i64);
+    e.string(8, &t.name);
+    e.bytes(9, &raw);
     e.into_bytes()
+}
+
+/// The values' bytes one after another, each as `to_le` writes it.
+fn le_bytes<T: Copy, const N: usize>(values: &[T], to_le: fn(T) -> [u8; N]) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(values.len() * N);
+    for &x in values {
+        raw.extend_from_slice(&to_le(x));
+    }
+    raw
 }
 
 /// A ValueInfoProto (name and tensor type with its shape).
