@@ -2,7 +2,8 @@
 # Real-data benchmark (not run in CI): ELPV solar cells, two product classes (mono, poly),
 # with exactly the split in ../shared/benchmarks/elpv/ (see its README for the protocol).
 # The data (CC BY-NC-SA 4.0) is downloaded at benchmark time into $BENCH_DIR and never
-# committed. Backbone: pretrained EfficientNet-Lite0.
+# committed. Backbone: pretrained EfficientNet-Lite0 ($BACKBONE names another with pinned
+# weights, e.g. efficientnet_lite2; its models are named <backbone>-<tag>).
 #
 #   benches/elpv.sh [SEEDS]    (default "0 1 2")
 #
@@ -29,17 +30,19 @@ SEEDS=${1:-"0 1 2"}
 BENCH_DIR=${BENCH_DIR:-target/bench-elpv}
 SPLIT=${ELPV_SPLIT:-../shared/benchmarks/elpv}
 TRAIN_ARGS=${TRAIN_ARGS:-}
+BACKBONE=${BACKBONE:-efficientnet_lite0}
 TAG=seed
 if [ -n "${HOLDOUT_SEED:-}" ]; then
     TRAIN_ARGS="$TRAIN_ARGS --holdout-seed $HOLDOUT_SEED"
     TAG="h${HOLDOUT_SEED}s"
 fi
+[ "$BACKBONE" = efficientnet_lite0 ] || TAG="$BACKBONE-$TAG"
 mkdir -p "$BENCH_DIR"
 if [ -z "${CRAS:-}" ]; then
     cargo build --release --quiet
     CRAS=target/release/cras
 fi
-"$CRAS" setup --backbone efficientnet_lite0
+"$CRAS" setup --backbone "$BACKBONE"
 if [ ! -d "$BENCH_DIR/elpv/data" ]; then
     echo "--- downloading elpv-dataset==1.0.0.post1 (CC BY-NC-SA 4.0)"
     python3 -m pip download --no-deps --disable-pip-version-check -q -d "$BENCH_DIR/dl" elpv-dataset==1.0.0.post1
@@ -95,7 +98,7 @@ train() {
     local name=$1 classes=$2 seed=$3
     echo "--- train $name (classes $classes, seed $seed)"
     # shellcheck disable=SC2086
-    "${TIMER[@]}" "$CRAS" train --data "$ROOT" --classes "$classes" --backbone efficientnet_lite0 \
+    "${TIMER[@]}" "$CRAS" train --data "$ROOT" --classes "$classes" --backbone "$BACKBONE" \
         --seed "$seed" --work "$BENCH_DIR/work-$name" --out "$BENCH_DIR/$name" $TRAIN_ARGS \
         2> >(tee "$BENCH_DIR/$name.log" >&2)
 }
