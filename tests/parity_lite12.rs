@@ -36,12 +36,7 @@ fn f32_list(v: &serde_json::Value) -> Vec<f32> {
 
 /// Compares one stage map [C,h,w] with the reference's summary of it.
 fn check_stage(what: &str, ours: &[f32], reference: &serde_json::Value) {
-    let shape: Vec<usize> = reference["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect();
+    let shape = json_usizes(&reference["shape"]);
     let (c, h, w) = (shape[0], shape[1], shape[2]);
     assert_eq!(ours.len(), c * h * w, "{what}: size");
     let plane = |ch: usize| &ours[ch * h * w..(ch + 1) * h * w];
@@ -63,12 +58,7 @@ fn check_stage(what: &str, ours: &[f32], reference: &serde_json::Value) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| {
-            (
-                p[0].as_u64().unwrap() as usize,
-                p[1].as_u64().unwrap() as usize,
-            )
-        })
+        .map(|p| (json_usizes(p)[0], json_usizes(p)[1]))
         .collect();
     let at_points: Vec<f32> = (0..c)
         .flat_map(|ch| points.iter().map(move |&(y, x)| plane(ch)[y * w + x]))

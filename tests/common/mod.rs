@@ -148,6 +148,15 @@ pub fn max_diff_where(a: &[f32], b: &[f32], mask: impl Fn(usize) -> bool) -> f32
 }
 
 /// Features agree within `rel` of the reference's largest magnitude.
+/// A JSON array of non-negative integers.
+pub fn json_usizes(v: &serde_json::Value) -> Vec<usize> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
 pub fn assert_close_rel(what: &str, ours: &[f32], reference: &[f32], rel: f32) {
     let tol = rel * max_abs(reference);
     let d = max_diff_where(ours, reference, |_| true);
@@ -190,12 +199,7 @@ pub fn formula_weights(set: &Path) -> (BTreeMap<String, Tensor>, BTreeMap<String
         if kind == "center" {
             continue;
         }
-        let shape: Vec<usize> = entry["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
+        let shape = json_usizes(&entry["shape"]);
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n)
             .map(|i| formula_value(&key, kind, &shape, i))
